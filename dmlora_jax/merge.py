@@ -1,0 +1,44 @@
+"""Folding the DMLoRA branches into the frozen weights: a pure function over the params.
+
+    W' = W + (alpha_l / r) * sum_k A_k B_k      (x W convention; B_k A_k in torch's W x)
+
+computed in float32 whatever the storage dtype, then cast back to the kernel's dtype and
+reshaped to its checkpoint shape. The result has exactly the names and shapes of a public
+ViT checkpoint and runs in the plain model with no adapter code.
+"""
+
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+from flax import traverse_util
+
+from dmlora_jax import dmlora
+
+Params = Mapping[str, Any]
+
+
+def flatten(params: Params) -> dict[str, Any]:
+  """Nested params -> {'a/b/c': leaf}."""
+  return traverse_util.flatten_dict(dict(params), sep="/")
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def adapted_modules(params: Params) -> list[str]:
+  """Paths of the modules that hold DMLoRA branches, in parameter order."""
+  return [k[: -len(dmlora.LORA_A) - 1] for k in flatten(params) if k.endswith("/" + dmlora.LORA_A)]
+
+
+def merge_params(params: Params) -> dict:
+  """Returns a plain-ViT param tree with every branch set merged into its kernel."""
+  flat = flatten(params)
+  out = {k: v for k, v in flat.items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
+  for module in adapted_modules(params):
+    kernel = flat[f"{module}/kernel"]
+    a = flat[f"{module}/{dmlora.LORA_A}"]
+    delta = dmlora.delta_kernel(a, flat[f"{module}/{dmlora.LORA_B}"], flat[f"{module}/{dmlora.LORA_SCALE}"])
+    merged = kernel.astype(jnp.float32).reshape(delta.shape) + delta
+    out[f"{module}/kernel"] = merged.reshape(kernel.shape).astype(kernel.dtype)
+  return unflatten(out)

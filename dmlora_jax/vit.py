@@ -1,0 +1,265 @@
+"""A Flax (linen) ViT whose parameter tree is the public checkpoint layout.
+
+Names and shapes are those of the google-research/vision_transformer checkpoints:
+
+    embedding/{kernel (P,P,3,D), bias}, cls (1,1,D),
+    Transformer/posembed_input/pos_embedding (1, 1+N, D),
+    Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_1/
+        {query,key,value}/{kernel (D,H,Dh), bias (H,Dh)}, out/{kernel (H,Dh,D), bias (D)},
+    LayerNorm_2, MlpBlock_3/Dense_{0,1}/{kernel, bias},
+    Transformer/encoder_norm, [pre_logits], head.
+
+With an `AdapterSpec`, every targeted projection also holds the DMLoRA leaves
+`lora_a` (K, d_in, r), `lora_b` (K, r, d_out) and `lora_scale` (), in its matrix view;
+the stored kernels keep their checkpoint shapes. Without one, the same code is a plain
+ViT (no adapter code runs), which is what a merged export is run with.
+
+The computation is laid out for speed on XLA (CPU in particular): the patch embedding is
+a reshape + matmul, q/k/v are one fused matmul, and attention runs as batched matmuls over
+(batch*heads, tokens, head_dim).
+"""
+
+import dataclasses
+import math
+import re
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dmlora_jax import dmlora
+
+# name -> (width, depth, heads, mlp_dim)
+VARIANTS = {
+    "tiny": (32, 2, 2, 64),  # for tests
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "M": (512, 12, 8, 2048),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+}
+LN_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int
+  num_classes: int
+  representation_size: int = 0  # 0 = no pre_logits
+  gelu_approximate: bool = True
+  dtype: str = "float32"
+  remat: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+
+def parse_variant(variant: str, num_classes: int, **kwargs) -> ViTConfig:
+  """'B/16' -> ViTConfig(width=768, depth=12, heads=12, mlp=3072, patch=16, ...)."""
+  m = re.fullmatch(r"(\w+)/(\d+)", variant)
+  if not m or m.group(1) not in VARIANTS:
+    raise ValueError(f"model.variant {variant!r} is not NAME/PATCH with NAME in "
+                     f"{sorted(VARIANTS)} (e.g. 'B/16', 'S/14', 'tiny/4')")
+  width, depth, heads, mlp = VARIANTS[m.group(1)]
+  return ViTConfig(width, depth, heads, mlp, int(m.group(2)), num_classes, **kwargs)
+
+
+def _gelu(approximate: bool) -> Callable:
+  return lambda x: jax.nn.gelu(x, approximate=approximate)
+
+
+class Projection(nn.Module):
+  """Declares one projection's params (checkpoint shapes) and returns its matrix view.
+
+  Returns (kernel (d_in, d_out), bias (d_out,), lora) where lora is None or the tuple
+  (lora_a, lora_b, lora_scale). The parent does the maths, so that projections that share
+  an input can be fused into one matmul.
+  """
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  adapter: dmlora.AdapterSpec | None = None
+
+  @nn.compact
+  def __call__(self):
+    d_in, d_out = math.prod(self.in_shape), math.prod(self.out_shape)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=tuple(range(len(self.in_shape))),
+                                                               out_axis=tuple(range(len(self.in_shape), len(self.in_shape) + len(self.out_shape)))),
+                        (*self.in_shape, *self.out_shape))
+    bias = self.param("bias", nn.initializers.zeros, self.out_shape)
+    lora = None
+    if self.adapter is not None:
+      k, r = self.adapter.num_branches, self.adapter.rank
+      a = self.param(dmlora.LORA_A, dmlora.lora_a_init(self.adapter.init), (k, d_in, r))
+      b = self.param(dmlora.LORA_B, nn.initializers.zeros, (k, r, d_out))
+      s = self.param(dmlora.LORA_SCALE, nn.initializers.constant(self.adapter.alpha), ())
+      lora = (a, b, s)
+    return kernel.reshape(d_in, d_out), bias.reshape(d_out), lora
+
+
+def _adapter_for(adapter, name):
+  return adapter if adapter is not None and name in adapter.targets else None
+
+
+def _mask_for(adapter, masks, name):
+  """The (K,) keep multipliers of target `name` from a block's (num_targets, K) masks."""
+  if masks is None or _adapter_for(adapter, name) is None:
+    return None
+  return masks[list(adapter.targets).index(name)]
+
+
+def _dense(x, proj, mask, dtype):
+  kernel, bias, lora = proj
+  y = jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+  if lora is not None:
+    y = y + dmlora.lora_delta(x, *lora, mask_K=mask, dtype=dtype)
+  return y
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm in float32 with the checkpoint's eps; the names are scale and bias."""
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,))
+    bias = self.param("bias", nn.initializers.zeros, (d,))
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + bias
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  cfg: ViTConfig
+  adapter: dmlora.AdapterSpec | None
+
+  @nn.compact
+  def __call__(self, x_BxTxD, masks):
+    c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    b, t, d = x_BxTxD.shape
+    h, dh = c.num_heads, c.head_dim
+    projs = {}
+    for name in ("query", "key", "value"):
+      projs[name] = Projection((d,), (h, dh), _adapter_for(self.adapter, name), name=name)()
+    projs["out"] = Projection((h, dh), (d,), _adapter_for(self.adapter, "out"), name="out")()
+
+    # One fused matmul for the frozen q/k/v kernels; the adapters add their low-rank parts.
+    w_qkv = jnp.concatenate([projs[n][0] for n in ("query", "key", "value")], axis=1)
+    b_qkv = jnp.concatenate([projs[n][1] for n in ("query", "key", "value")])
+    qkv = jnp.dot(x_BxTxD.astype(dt), w_qkv.astype(dt)) + b_qkv.astype(dt)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    qkv = [q, k, v]
+    for i, name in enumerate(("query", "key", "value")):
+      lora = projs[name][2]
+      if lora is not None:
+        qkv[i] = qkv[i] + dmlora.lora_delta(x_BxTxD, *lora, mask_K=_mask_for(self.adapter, masks, name), dtype=dt)
+
+    def heads(y):  # (B, T, H*Dh) -> (B*H, T, Dh)
+      return y.reshape(b, t, h, dh).transpose(0, 2, 1, 3).reshape(b * h, t, dh)
+
+    q, k, v = (heads(y) for y in qkv)
+    logits = jnp.einsum("nqd,nkd->nqk", q, k) / jnp.sqrt(jnp.asarray(dh, dt))
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
+    o = jnp.einsum("nqk,nkd->nqd", weights, v)
+    o = o.reshape(b, h, t, dh).transpose(0, 2, 1, 3).reshape(b, t, h * dh)
+    return _dense(o, projs["out"], _mask_for(self.adapter, masks, "out"), dt)
+
+
+
+class MlpBlock(nn.Module):
+  cfg: ViTConfig
+  adapter: dmlora.AdapterSpec | None
+
+  @nn.compact
+  def __call__(self, x_BxTxD, masks):
+    c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    d = x_BxTxD.shape[-1]
+
+    p0 = Projection((d,), (c.mlp_dim,), _adapter_for(self.adapter, "Dense_0"), name="Dense_0")()
+    p1 = Projection((c.mlp_dim,), (d,), _adapter_for(self.adapter, "Dense_1"), name="Dense_1")()
+    y = _gelu(c.gelu_approximate)(_dense(x_BxTxD, p0, _mask_for(self.adapter, masks, "Dense_0"), dt))
+    return _dense(y, p1, _mask_for(self.adapter, masks, "Dense_1"), dt)
+
+
+class EncoderBlock(nn.Module):
+  cfg: ViTConfig
+  adapter: dmlora.AdapterSpec | None
+
+  @nn.compact
+  def __call__(self, x, masks):
+    y = LayerNorm(name="LayerNorm_0")(x)
+    y = MultiHeadDotProductAttention(self.cfg, self.adapter, name="MultiHeadDotProductAttention_1")(y, masks)
+    x = x + y.astype(x.dtype)
+    y = LayerNorm(name="LayerNorm_2")(x)
+    y = MlpBlock(self.cfg, self.adapter, name="MlpBlock_3")(y, masks)
+    return x + y.astype(x.dtype)
+
+
+class PosEmbed(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
+
+
+class Transformer(nn.Module):
+  cfg: ViTConfig
+  adapter: dmlora.AdapterSpec | None
+
+  @nn.compact
+  def __call__(self, x, masks):
+    x = PosEmbed(name="posembed_input")(x)
+    block_cls = nn.remat(EncoderBlock) if self.cfg.remat else EncoderBlock
+    for i in range(self.cfg.depth):
+      m = None if masks is None else masks[i]
+      x = block_cls(self.cfg, self.adapter, name=f"encoderblock_{i}")(x, m)
+    return LayerNorm(name="encoder_norm")(x)
+
+
+class ViT(nn.Module):
+  """ViT classifier on the class token.
+
+  __call__(images_BxHxWx3 float, branch_masks=None) -> logits (B, num_classes).
+  branch_masks: (depth, len(adapter.targets), K) keep multipliers; None = all branches, no
+  rescale (evaluation).
+  """
+  cfg: ViTConfig
+  adapter: dmlora.AdapterSpec | None = None
+
+  @nn.compact
+  def __call__(self, images, branch_masks=None):
+    c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    b, hh, ww, ch = images.shape
+    p = c.patch_size
+    if hh % p or ww % p:
+      raise ValueError(f"image size {hh}x{ww} is not a multiple of the patch size {p}")
+    gh, gw = hh // p, ww // p
+    # Patch embedding as reshape + matmul: same maths as the stride-P conv, faster on CPU.
+    patches = images.reshape(b, gh, p, gw, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * ch)
+    emb = Embedding(c, name="embedding")(patches, ch)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, c.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c.width)).astype(emb.dtype), emb], axis=1)
+    x = Transformer(c, self.adapter, name="Transformer")(x.astype(jnp.float32), branch_masks)
+    x = x[:, 0]
+    if c.representation_size:
+      x = jnp.tanh(nn.Dense(c.representation_size, name="pre_logits")(x))
+    return nn.Dense(c.num_classes, name="head", kernel_init=nn.initializers.zeros)(x)
+
+
+class Embedding(nn.Module):
+  cfg: ViTConfig
+
+  @nn.compact
+  def __call__(self, patches_BxNxF, channels):
+    c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    p = c.patch_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+                        (p, p, channels, c.width))
+    bias = self.param("bias", nn.initializers.zeros, (c.width,))
+    return jnp.dot(patches_BxNxF.astype(dt), kernel.reshape(p * p * channels, c.width).astype(dt)) + bias.astype(dt)

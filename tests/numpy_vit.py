@@ -1,0 +1,79 @@
+"""An independent NumPy ViT forward pass, written straight from the checkpoint arrays.
+
+It shares no code with dmlora_jax: the conv patch embedding is an explicit loop over
+patches, attention is per head, LoRA is W + (alpha / r) A B folded by hand.
+"""
+
+import math
+
+import numpy as np
+
+
+def gelu(x, approximate=True):
+  if approximate:
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+  erf = np.vectorize(math.erf)
+  return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+
+
+def layer_norm(x, scale, bias, eps=1e-6):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def forward(flat, images, patch, num_heads, depth, lora=None, approximate=True):
+  """flat: {'embedding/kernel': ..., ...} float64 arrays; images (B, H, W, 3).
+
+  lora: optional {module_path: (A (d_in, r), B (r, d_out), alpha)}, one branch each.
+  """
+  p = {k: np.asarray(v, np.float64) for k, v in flat.items()}
+  x = np.asarray(images, np.float64)
+  b, h, w, _ = x.shape
+  kernel = p["embedding/kernel"]  # (P, P, 3, D)
+  tokens = []
+  for i in range(h // patch):
+    for j in range(w // patch):
+      win = x[:, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch, :]
+      tokens.append(np.einsum("bhwc,hwcd->bd", win, kernel) + p["embedding/bias"])
+  x = np.stack(tokens, axis=1)
+  cls = np.repeat(p["cls"], b, axis=0)
+  x = np.concatenate([cls, x], axis=1) + p["Transformer/posembed_input/pos_embedding"]
+
+  def kernel_of(path, d_in):
+    k = p[path + "/kernel"]
+    mat = k.reshape(d_in, -1)
+    if lora and path in lora:
+      a, bb, alpha = lora[path]
+      mat = mat + alpha / a.shape[1] * (np.asarray(a, np.float64) @ np.asarray(bb, np.float64))
+    return mat
+
+  for i in range(depth):
+    pre = f"Transformer/encoderblock_{i}"
+    d = x.shape[-1]
+    y = layer_norm(x, p[pre + "/LayerNorm_0/scale"], p[pre + "/LayerNorm_0/bias"])
+    att = pre + "/MultiHeadDotProductAttention_1"
+    q, k, v = (y @ kernel_of(f"{att}/{n}", d) + p[f"{att}/{n}/bias"].reshape(-1)
+               for n in ("query", "key", "value"))
+    dh = d // num_heads
+    heads = []
+    for hd in range(num_heads):
+      sl = slice(hd * dh, (hd + 1) * dh)
+      wts = softmax(q[..., sl] @ np.swapaxes(k[..., sl], 1, 2) / np.sqrt(dh))
+      heads.append(wts @ v[..., sl])
+    o = np.concatenate(heads, axis=-1)
+    x = x + o @ kernel_of(f"{att}/out", d) + p[f"{att}/out/bias"]
+    y = layer_norm(x, p[pre + "/LayerNorm_2/scale"], p[pre + "/LayerNorm_2/bias"])
+    mlp = pre + "/MlpBlock_3"
+    y = gelu(y @ kernel_of(f"{mlp}/Dense_0", d) + p[f"{mlp}/Dense_0/bias"], approximate)
+    x = x + y @ kernel_of(f"{mlp}/Dense_1", y.shape[-1]) + p[f"{mlp}/Dense_1/bias"]
+  x = layer_norm(x, p["Transformer/encoder_norm/scale"], p["Transformer/encoder_norm/bias"])
+  x = x[:, 0]
+  if "pre_logits/kernel" in p:
+    x = np.tanh(x @ p["pre_logits/kernel"] + p["pre_logits/bias"])
+  return x @ p["head/kernel"] + p["head/bias"]
