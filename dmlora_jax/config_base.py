@@ -66,3 +66,43 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage2.lr_ratio = 0.1
   c.stage2.train_head = False
   return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'task=cifar,variant=B/16,runlocal' -> {task: 'cifar', variant: 'B/16', runlocal: True}.
+
+  Keys must be among `defaults` (a misspelt key is an error that names it); values take the
+  type of their default.
+  """
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, eq, val = part.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}")
+    d = defaults[key]
+    if not eq:
+      out[key] = True
+    elif isinstance(d, bool):
+      out[key] = val.lower() in ("1", "true", "yes")
+    elif isinstance(d, int):
+      out[key] = int(val)
+    elif isinstance(d, float):
+      out[key] = float(val)
+    else:
+      out[key] = val
+  return ml_collections.ConfigDict(out)
+
+
+def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any config to a smoke run (seconds on a laptop CPU)."""
+  c.model.variant = "tiny/4"
+  c.model.init_checkpoint = ""
+  c.data.image_size = 32
+  c.batch_size = 16
+  c.stage1.epochs = 1
+  c.stage1.warmup_epochs = 0
+  c.stage2.epochs = 1 if c.stage2.epochs else 0
+  c.checkpoint_every = 20
+  c.log_every = 5
+  return c

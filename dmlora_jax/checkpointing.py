@@ -1,0 +1,87 @@
+"""Adapter-sized orbax checkpoints: the trained leaves, optimizer state, step and stage.
+
+The frozen backbone is not saved; a fingerprint of it is, and checked on resume. Written
+through a CheckpointManager with the `ocp.args` API. A damaged newest checkpoint (orbax
+counts a finished step with missing files as the latest and raises on restore) is moved
+aside to `checkpoints_damaged/` (never deleted) and the previous one is used.
+"""
+
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import serialization
+
+
+class ResumeError(RuntimeError):
+  """A checkpoint that exists but cannot be used for this run."""
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, keep: int = 3):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.damaged_dir = os.path.abspath(os.path.join(workdir, "checkpoints_damaged"))
+    self.keep = keep
+    self._open()
+
+  def _open(self):
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, tree: Any, meta: dict) -> None:
+    """tree: host numpy pytree (optax states may be namedtuples; stored as state dicts)."""
+    if step in self.manager.all_steps():
+      return
+    state = jax.tree.map(np.asarray, serialization.to_state_dict(tree))
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    self.manager.wait_until_finished()
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def restore_latest(self, target_for_meta: Callable[[dict], Any]) -> tuple[Any, dict] | None:
+    """Restores the newest usable checkpoint. target_for_meta(meta) gives the tree to restore
+    into (its structure depends on the stage). Returns (tree, meta) or None if none exists."""
+    for step in reversed(self.all_steps()):
+      try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        target = target_for_meta(meta)
+        abstract = jax.tree.map(np.asarray, serialization.to_state_dict(target))
+        got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return serialization.from_state_dict(target, got["state"]), meta
+      except ResumeError:
+        raise
+      except Exception as e:  # orbax raises many types for missing/corrupt files
+        logging.error("Checkpoint step %d in %s is damaged (%s: %s); moving it to %s and trying the "
+                      "previous one", step, self.directory, type(e).__name__, str(e).splitlines()[0][:200],
+                      self.damaged_dir)
+        print(f"WARNING: checkpoint {step} is damaged ({type(e).__name__}); moved to {self.damaged_dir}, "
+              "resuming from the previous one", flush=True)
+        self._move_aside(step)
+    return None
+
+  def _move_aside(self, step: int):
+    if jax.process_index() == 0:
+      os.makedirs(self.damaged_dir, exist_ok=True)
+      src = os.path.join(self.directory, str(step))
+      dst = os.path.join(self.damaged_dir, str(step))
+      n = 0
+      while os.path.exists(dst):
+        n += 1
+        dst = os.path.join(self.damaged_dir, f"{step}.{n}")
+      shutil.move(src, dst)
+    self.manager.close()
+    self._open()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,149 @@
+"""The per-device train and eval steps, and their pmap / shard_map wrappers.
+
+The train step is a pure function `(state, batch, step_key) -> (state, metrics)`.
+- Branch masks come from `step_key` alone (the caller passes fold_in(base_key, step), the
+  same on every device), so all devices drop the same branches in a step: a dropped
+  branch takes no part in that iteration anywhere. Randomness that should differ per
+  device would fold in `lax.axis_index(axis_name)`.
+- p(t) is computed from `state.step` inside the compiled function: no recompilation.
+- Gradients are taken w.r.t. the leaves trained in this stage only, so the frozen weights'
+  gradients are never computed (XLA sees no use for them), and averaged across devices.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dmlora_jax import partition, schedules
+from dmlora_jax.data import normalize
+
+AXIS = "batch"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: the global step over both stages
+  trainable: Any  # the leaves this method ever trains (nested dict)
+  frozen: Any  # everything else; returned untouched (donated, so never copied)
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  method: str
+  stage: int
+  normalization: str
+  stage1_steps: int
+  drop_schedule: str = "linear"
+  drop_start: float = 0.0
+  drop_end: float = 0.0
+  drop_steps: int = 4
+  min_active: int = 1
+  rescale: bool = True
+  mask_shape: tuple[int, ...] | None = None  # (depth, num_targets, K); None = no adapter
+  stage2_train_head: bool = False
+
+  @property
+  def uses_masks(self) -> bool:
+    return self.mask_shape is not None and self.stage == 1 and self.method == "dmlora"
+
+
+def drop_probability(sc: StepConfig, step) -> jax.Array:
+  if not sc.uses_masks:
+    return jnp.float32(0.0)
+  return schedules.drop_probability(step, sc.stage1_steps, sc.drop_schedule, sc.drop_start, sc.drop_end,
+                                    sc.drop_steps)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, sc: StepConfig, axis_name: str = AXIS) -> Callable:
+  """The per-device step; run it under pmap or shard_map with `axis_name`."""
+  trained = partition.trained_labels(sc.method, sc.stage, sc.stage2_train_head)
+
+  def step_fn(state: TrainState, batch: dict, step_key: jax.Array):
+    diff, held = partition.split(state.trainable, trained)
+    images = normalize(batch["image"], sc.normalization)
+    labels = batch["label"]
+    p = drop_probability(sc, state.step)
+    masks = None
+    if sc.uses_masks:
+      masks = schedules.branch_masks(step_key, p, sc.mask_shape, sc.min_active, sc.rescale)
+
+    def loss_fn(diff):
+      params = partition.join(state.frozen, held, diff)
+      logits = model.apply({"params": params}, images, masks).astype(jnp.float32)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(diff)
+    grads = jax.lax.pmean(grads, axis_name)
+    # multi_transform wants the whole owned tree; the held leaves get zero updates and
+    # are not touched below, so they stay bit-identical.
+    full_grads = partition.join(jax.tree.map(jnp.zeros_like, held), grads)
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.trainable)
+    upd_diff, _ = partition.split(updates, trained)
+    trainable = partition.join(held, optax.apply_updates(diff, upd_diff))
+    metrics = {
+        # The step's keep multipliers (device-invariant by construction; tests compare devices).
+        "masks": masks if masks is not None else jnp.zeros((0,), jnp.float32),
+        "loss": jax.lax.pmean(loss, axis_name),
+        "accuracy": jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), axis_name),
+        "drop_p": p,
+    }
+    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+  return step_fn
+
+
+def make_eval_step(model, normalization: str, axis_name: str = AXIS) -> Callable:
+  """Per-device eval: all branches, no rescale. Returns (correct, count) summed over devices."""
+
+  def eval_fn(state: TrainState, batch: dict):
+    params = partition.join(state.frozen, state.trainable)
+    logits = model.apply({"params": params}, normalize(batch["image"], normalization))
+    hit = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * batch["mask"]
+    return jax.lax.psum(hit.sum(), axis_name), jax.lax.psum(batch["mask"].sum(), axis_name)
+
+  return eval_fn
+
+
+# ---- wrappers ----
+
+def pmap_train_step(step_fn: Callable) -> Callable:
+  """pmap over local devices; state and batch carry a leading device axis, the key does not."""
+  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+
+
+def pmap_eval_step(eval_fn: Callable) -> Callable:
+  return jax.pmap(eval_fn, axis_name=AXIS, in_axes=(0, 0))
+
+
+def shard_map_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
+  """The same per-device step under jit + shard_map over a 1-D mesh with axis AXIS.
+  The state is replicated (no device axis), the batch is split along its first axis."""
+  f = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()))
+  return jax.jit(f, donate_argnums=(0,))
+
+
+def replicate(tree: Any, devices=None) -> Any:
+  """Host tree -> the same tree with a leading axis over the local devices, on them."""
+  devices = devices or jax.local_devices()
+  n = len(devices)
+  sharding = NamedSharding(Mesh(np.array(devices), (AXIS,)), P(AXIS))
+  return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), sharding),
+                      tree)
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first local device's copy of a replicated tree, as host numpy arrays."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+
+
+def shard_batch(batch: dict, num_devices: int) -> dict:
+  """(local_batch, ...) -> (num_devices, local_batch // num_devices, ...)."""
+  return {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in batch.items()}

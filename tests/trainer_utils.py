@@ -1,0 +1,44 @@
+"""Shared helpers of the trainer tests: tiny configs on the shared cifar10 task."""
+
+import os
+import subprocess
+import sys
+
+from conftest import REPO, SHARED
+from dmlora_jax import config_base
+
+VTAB_ROOT = os.path.join(SHARED, "data", "vtab1k")
+
+
+def tiny_config(method="dmlora", epochs=1, stage2_epochs=1, image_size=16, batch_size=32, **over):
+  c = config_base.get_base_config()
+  c.method = method
+  c.model.variant = "tiny/4"
+  c.data.source = "vtab1k_folder"
+  c.data.root = VTAB_ROOT
+  c.data.task = "cifar10"
+  c.data.image_size = image_size
+  c.data.num_workers = 2
+  c.batch_size = batch_size
+  c.stage1.epochs = epochs
+  c.stage1.warmup_epochs = 0
+  c.stage2.epochs = stage2_epochs
+  c.dmlora.num_branches = 3
+  c.dmlora.rank = 2
+  c.log_every = 1000
+  c.checkpoint_every = 1000
+  for k, v in over.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def run_main(args, env_extra=None, timeout=300, **kw):
+  env = dict(os.environ)
+  env.update(env_extra or {})
+  env.setdefault("PYTHONPATH", REPO)
+  return subprocess.run([sys.executable, "-m", "dmlora_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout, **kw)
