@@ -126,7 +126,9 @@ def pmap_eval_step(eval_fn: Callable) -> Callable:
 def shard_map_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
   """The same per-device step under jit + shard_map over a 1-D mesh with axis AXIS.
   The state is replicated (no device axis), the batch is split along its first axis."""
-  f = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()))
+  # check_vma=False keeps pmap's semantics: the gradient of a replicated input is the
+  # per-device gradient (reduced by our explicit pmean), not implicitly psum-ed by autodiff.
+  f = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()), check_vma=False)
   return jax.jit(f, donate_argnums=(0,))
 
 

@@ -33,6 +33,7 @@ from dmlora_jax import dmlora
 # name -> (width, depth, heads, mlp_dim)
 VARIANTS = {
     "tiny": (32, 2, 2, 64),  # for tests
+    "mini": (96, 4, 3, 384),  # for demos and CPU studies
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "M": (512, 12, 8, 2048),

@@ -1,0 +1,108 @@
+"""Resume is exact: kill -9 and SIGTERM at arbitrary points, restart the same command, and
+the merged export is bitwise equal to the uninterrupted run's. Also: damaged checkpoints."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from dmlora_jax import npz
+from trainer_utils import VTAB_ROOT, run_main
+
+ARGS = ["--config=configs/vtab1k.py:task=cifar10", f"--config.data.root={VTAB_ROOT}",
+        "--config.model.variant=Ti/8", "--config.model.init_checkpoint=", "--config.data.image_size=32",
+        "--config.batch_size=32", "--config.stage1.epochs=2", "--config.stage1.warmup_epochs=1",
+        "--config.stage2.epochs=1", "--config.dmlora.drop_start=0.3", "--config.checkpoint_every=10",
+        "--config.log_every=1", "--config.data.num_workers=2"]
+ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+TOTAL = 3 * (1000 // 32)
+
+
+def _logged_step(wd):
+  try:
+    lines = open(os.path.join(wd, "metrics.jsonl")).read().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+  except (FileNotFoundError, json.JSONDecodeError, IndexError):
+    return 0
+
+
+def _start_and_signal(wd, sig, after_step):
+  env = dict(os.environ, PYTHONPATH=REPO, **ENV)
+  p = subprocess.Popen([sys.executable, "-m", "dmlora_jax.main", *ARGS, f"--workdir={wd}"], cwd=REPO, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while _logged_step(wd) < after_step and p.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  assert p.poll() is None, "the run finished before it could be interrupted: " + p.stderr.read()[-2000:]
+  p.send_signal(sig)
+  out, err = p.communicate(timeout=240)
+  return p.returncode, out, err
+
+
+def _export(wd):
+  return npz.load_npz(os.path.join(wd, "merged.npz"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("straight"))
+  r = run_main(ARGS + [f"--workdir={wd}"], env_extra=ENV)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return wd
+
+
+def test_kill_and_sigterm_then_resume_give_a_bitwise_equal_export(uninterrupted, tmp_path):
+  wd = str(tmp_path / "interrupted")
+  rc, _, _ = _start_and_signal(wd, signal.SIGKILL, after_step=15)
+  assert rc == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(wd, "results.json"))
+  rc, out, err = _start_and_signal(wd, signal.SIGTERM, after_step=TOTAL * 2 // 3)  # in stage 2
+  assert rc == 0, err[-3000:]
+  assert "Resumed from checkpoint step" in out and "Stopped at step" in out
+  stopped = int(out.split("Stopped at step ")[1].split()[0])
+  assert str(stopped) in os.listdir(os.path.join(wd, "checkpoints"))  # SIGTERM saved that very step
+  r = run_main(ARGS + [f"--workdir={wd}"], env_extra=ENV)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"Resumed from checkpoint step {stopped}" in r.stdout
+  a, b = _export(uninterrupted), _export(wd)
+  assert set(a) == set(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  ra = json.load(open(os.path.join(uninterrupted, "results.json")))
+  rb = json.load(open(os.path.join(wd, "results.json")))
+  assert ra["accuracy"] == rb["accuracy"] and ra["scales"] == rb["scales"]
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_path):
+  wd = str(tmp_path / "damaged")
+  shutil.copytree(uninterrupted, wd)
+  os.remove(os.path.join(wd, "merged.npz"))
+  ck = os.path.join(wd, "checkpoints")
+  steps_ = sorted(int(s) for s in os.listdir(ck) if s.isdigit())
+  newest, previous = steps_[-1], steps_[-2]
+  # Damage the newest: delete its array data but keep the step directory (orbax still lists it).
+  for root, _, files in os.walk(os.path.join(ck, str(newest), "state")):
+    for f in files:
+      if not f.startswith("_"):
+        os.remove(os.path.join(root, f))
+  r = run_main(["--mode=export"] + ARGS + [f"--workdir={wd}"], env_extra=ENV)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"checkpoint {newest} is damaged" in r.stdout
+  assert f"Resumed from checkpoint step {previous}" in r.stdout
+  assert os.path.isdir(os.path.join(wd, "checkpoints_damaged", str(newest)))  # kept, not deleted
+  assert os.path.exists(os.path.join(wd, "merged.npz"))
+
+
+def test_resume_refuses_a_different_base_checkpoint(uninterrupted, tmp_path):
+  wd = str(tmp_path / "other_seed")
+  shutil.copytree(uninterrupted, wd)
+  r = run_main(ARGS + [f"--workdir={wd}", "--config.seed=7"], env_extra=ENV)
+  assert r.returncode == 2
+  assert "was trained from base weights" in r.stderr and "Traceback" not in r.stderr
