@@ -16,6 +16,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
 
+from dmlora_jax.progress import say
+
 
 class ResumeError(RuntimeError):
   """A checkpoint that exists but cannot be used for this run."""
@@ -64,8 +66,8 @@ class Checkpointer:
         logging.error("Checkpoint step %d in %s is damaged (%s: %s); moving it to %s and trying the "
                       "previous one", step, self.directory, type(e).__name__, str(e).splitlines()[0][:200],
                       self.damaged_dir)
-        print(f"WARNING: checkpoint {step} is damaged ({type(e).__name__}); moved to {self.damaged_dir}, "
-              "resuming from the previous one", flush=True)
+        say(f"WARNING: checkpoint {step} is damaged ({type(e).__name__}); moved to {self.damaged_dir}, "
+              "resuming from the previous one")
         self._move_aside(step)
     return None
 

@@ -4,6 +4,14 @@ import json
 import os
 import time
 
+import jax
+
+
+def say(msg: str) -> None:
+  """A user-facing line, printed by process 0 only."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
 
 class MetricWriter:
   """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard."""
@@ -39,8 +47,8 @@ def _fmt_time(s: float) -> str:
 class Progress:
   """step/total, stage, loss, lr, drop probability, images/s and ETA, one line per log."""
 
-  def __init__(self, total: int, start_step: int, batch_size: int):
-    self.total, self.batch = total, batch_size
+  def __init__(self, total: int, start_step: int, batch_size: int, enabled: bool = True):
+    self.total, self.batch, self.enabled = total, batch_size, enabled
     self.t0 = self.t_last = time.time()
     self.start = self.last = start_step
 
@@ -50,12 +58,15 @@ class Progress:
     rate = (step - self.start) / max(now - self.t0, 1e-9)
     eta = (self.total - step) / rate if rate > 0 else 0.0
     self.t_last, self.last = now, step
-    print(f"[{step:>6d}/{self.total}] stage {stage}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  "
-          f"lr {m['lr']:.2e}  p_drop {m['drop_p']:.3f}  {ips:7.1f} img/s  ETA {_fmt_time(eta)}", flush=True)
+    if self.enabled:
+      print(f"[{step:>6d}/{self.total}] stage {stage}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  "
+            f"lr {m['lr']:.2e}  p_drop {m['drop_p']:.3f}  {ips:7.1f} img/s  ETA {_fmt_time(eta)}", flush=True)
     return ips
 
 
 def print_summary(results: dict):
+  if jax.process_index() != 0:
+    return
   rows = [(f"top-1 {k}", f"{100 * v:.2f}%") for k, v in results["accuracy"].items()]
   rows += [
       ("method", results["method"]),

@@ -136,6 +136,9 @@ def replicate(tree: Any, devices=None) -> Any:
   """Host tree -> the same tree with a leading axis over the local devices, on them."""
   devices = devices or jax.local_devices()
   n = len(devices)
+  if jax.process_count() > 1:
+    # pmap over several processes takes host arrays with a leading local-device axis.
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), tree)
   sharding = NamedSharding(Mesh(np.array(devices), (AXIS,)), P(AXIS))
   return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), sharding),
                       tree)
@@ -143,7 +146,9 @@ def replicate(tree: Any, devices=None) -> Any:
 
 def unreplicate(tree: Any) -> Any:
   """The first local device's copy of a replicated tree, as host numpy arrays."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+  def first(x):
+    return np.array(x[0]) if isinstance(x, np.ndarray) else np.asarray(x.addressable_data(0))[0]
+  return jax.tree.map(first, tree)
 
 
 def shard_batch(batch: dict, num_devices: int) -> dict:

@@ -20,7 +20,7 @@ from absl import logging
 
 from dmlora_jax import data, dmlora, merge, npz, partition, steps, vit
 from dmlora_jax.checkpointing import Checkpointer, ResumeError
-from dmlora_jax.progress import MetricWriter, Progress, print_summary
+from dmlora_jax.progress import MetricWriter, Progress, print_summary, say
 
 METHODS = ("dmlora", "lora", "full", "linear")
 
@@ -68,7 +68,7 @@ def init_params(model: vit.ViT, config, image_size: int) -> tuple[dict, str]:
   if path:
     return npz.load_pretrained(params, path)
   logging.warning("config.model.init_checkpoint is empty: the backbone is RANDOMLY initialised")
-  print("WARNING: model.init_checkpoint is empty; fine-tuning a randomly initialised backbone", flush=True)
+  say("WARNING: model.init_checkpoint is empty; fine-tuning a randomly initialised backbone")
   base = {k: v for k, v in merge.flatten(params).items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
   return params, "random:" + npz.fingerprint(base)
 
@@ -201,8 +201,7 @@ class Run:
     tree, meta = got
     state = steps.TrainState(step=np.int32(meta["step"]), trainable=tree["trainable"], frozen=self.frozen,
                              opt_state=tree["opt_state"])
-    print(f"Resumed from checkpoint step {meta['step']} (stage {meta['stage']}) in {self.checkpointer.directory}",
-          flush=True)
+    say(f"Resumed from checkpoint step {meta['step']} (stage {meta['stage']}) in {self.checkpointer.directory}")
     return state, meta["stage"]
 
   def batches(self, epoch: int, skip: int):
@@ -238,9 +237,12 @@ class Run:
     step = int(state.step)
     state_dev = steps.replicate(state, self.devices)
     stop = _Stop()
-    old = signal.signal(signal.SIGTERM, stop)
+    # Several processes agree on preemption through orbax's sync point (JAX's preemption
+    # notifier catches SIGTERM); one process alone uses its own handler.
+    multi = jax.process_count() > 1
+    old = None if multi else signal.signal(signal.SIGTERM, stop)
     writer = MetricWriter(self.workdir, enabled=jax.process_index() == 0)
-    progress = Progress(plan.total, step, c.batch_size)
+    progress = Progress(plan.total, step, c.batch_size, enabled=jax.process_index() == 0)
     try:
       if step == 0 and plan.total > 0:
         self.save(state_dev, stage)  # step 0: a restart before the first save resumes at once
@@ -250,8 +252,8 @@ class Run:
           state_dev = steps.replicate(self.host_state(2, trainable, step), self.devices)
           stage = 2
           self.save(state_dev, stage)
-          print(f"Stage 2 (2S-LS): learning {len(merge.adapted_modules(self.params))} per-layer scales at "
-                f"lr {c.stage1.lr * c.stage2.lr_ratio:g}", flush=True)
+          say(f"Stage 2 (2S-LS): learning {len(merge.adapted_modules(self.params))} per-layer scales at "
+              f"lr {c.stage1.lr * c.stage2.lr_ratio:g}")
         step_fn, _, lr_fn = self.train_step(stage)
         stage_end = plan.stage1_steps if stage == 1 else plan.total
         epoch, skip = divmod(step, plan.steps_per_epoch)
@@ -267,8 +269,8 @@ class Run:
             writer.write(step, stage, m)
           if stop.requested or self.checkpointer.reached_preemption(step):
             self.save(state_dev, stage)
-            print(f"Stopped at step {step} by a termination signal; checkpoint saved. Run the same command "
-                  "to resume.", flush=True)
+            say(f"Stopped at step {step} by a termination signal; checkpoint saved. Run the same command "
+                  "to resume.")
             return None
           if step % c.checkpoint_every == 0 and step != plan.stage1_steps:
             self.save(state_dev, stage)
@@ -277,7 +279,8 @@ class Run:
       self.save(state_dev, stage)
       return state_dev
     finally:
-      signal.signal(signal.SIGTERM, old)
+      if old is not None:
+        signal.signal(signal.SIGTERM, old)
       writer.close()
 
   def final_params(self, state_dev) -> dict:
@@ -303,10 +306,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   os.makedirs(workdir, exist_ok=True)
   run = Run(config, workdir)
   plan = run.plan
-  print(f"dmlora_jax: method={config.method} variant={config.model.variant} task={run.task.train.name} "
+  say(f"dmlora_jax: method={config.method} variant={config.model.variant} task={run.task.train.name} "
         f"({run.task.train.num_examples_global} train examples, {run.num_classes} classes), "
         f"{plan.total} steps = {plan.stage1_steps} stage 1 + {plan.stage2_steps} stage 2, "
-        f"{jax.process_count()} process(es) x {run.n_local} {jax.devices()[0].platform} device(s)", flush=True)
+        f"{jax.process_count()} process(es) x {run.n_local} {jax.devices()[0].platform} device(s)")
   state_dev = run.train()
   if state_dev is None:
     return None
@@ -365,7 +368,7 @@ def export_from_checkpoint(config, workdir: str) -> str:
   run, params = _restored_params(config, workdir)
   path = export_merged(params, workdir)
   run.checkpointer.close()
-  print(f"Wrote {path}", flush=True)
+  say(f"Wrote {path}")
   return path
 
 
@@ -379,7 +382,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   acc = run.evaluate(steps.replicate(state, run.devices))
   run.checkpointer.close()
   for k, v in acc.items():
-    print(f"{k} top-1: {100 * v:.2f}%", flush=True)
+    say(f"{k} top-1: {100 * v:.2f}%")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump({"accuracy": acc, "from": "merged newest checkpoint"}, f, indent=2)
