@@ -26,7 +26,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; progress goes to stdout
   from dmlora_jax import distributed, trainer  # after flag parsing: keeps --help fast
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  config = FLAGS.config
+  try:
+    config = FLAGS.config
+    config.get("method")  # config_flags defers a failed load until first use
+  except OSError as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    print(f"error: --config={FLAGS['config'].serialize().split('=', 1)[-1]}: {lines[-1]}", file=sys.stderr)
+    sys.exit(2)
   try:
     if FLAGS.mode == "train":
       trainer.train_and_evaluate(config, FLAGS.workdir)
@@ -35,13 +41,34 @@ def main(argv):
     else:
       trainer.evaluate_checkpoint(config, FLAGS.workdir)
   except trainer.USER_ERRORS as e:
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl parsing, with config mistakes (a misspelt --config.key, a bad value, a bad config
+  argument or path) reported as one line that names the culprit instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # absl wraps some errors, ml_collections raises AttributeError/KeyError
+    cause = e
+    while getattr(cause, "__cause__", None) is not None:
+      cause = cause.__cause__
+    raw = str(cause).replace("\\n", "\n").replace("\\'", "'")
+    lines = [l.strip() for l in raw.splitlines() if l.strip()]
+    # A traceback inside the message (config file errors): its last line says what is wrong.
+    msg = lines[-1] if "Traceback" in raw else " ".join(lines)
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    culprit = next((a for a in overrides if f"'{a.rsplit('.', 1)[-1]}'" in raw), None)
+    if culprit:
+      hint = msg[msg.find("Did you mean"):].rstrip("'\"") if "Did you mean" in msg else ""
+      msg = f"{culprit}: no such config key. {hint}".strip()
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

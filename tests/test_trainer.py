@@ -172,3 +172,15 @@ def test_lora_method_is_k1_without_dropout_or_stage2(tmp_path):
   run = trainer.Run(c, str(tmp_path))
   assert run.plan.stage2_steps == 0
   assert not run.step_config(1).uses_masks
+
+
+def test_frozen_weights_carry_no_optimizer_state(run_obj):
+  run = run_obj
+  for stage in (1, 2):
+    opt = run.host_state(stage).opt_state
+    n_opt = trainer.count(opt)
+    # Adam keeps two moments per owned leaf (plus step counters); nothing for the backbone.
+    assert n_opt <= 2 * trainer.count(run.trainable) + 16, (stage, n_opt)
+    assert trainer.count(run.frozen) > n_opt
+    shapes = {tuple(np.shape(x)) for x in jax.tree.leaves(opt)}
+    assert (32, 2, 16) not in shapes  # a q/k/v kernel shape
