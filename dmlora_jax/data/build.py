@@ -1,0 +1,55 @@
+"""`build_task`: config.data -> a Task of decoded, resized splits held in RAM."""
+
+import time
+
+from absl import logging
+import numpy as np
+
+from dmlora_jax.data import demo, fgvc, folder, tfds_source
+from dmlora_jax.data.split import DataError, Split, Task
+
+SOURCES = {"vtab1k_folder": folder.splits, "fgvc_json": fgvc.splits, "tfds": tfds_source.splits,
+           "demo": demo.splits}
+
+# protocol -> (split trained on, split evaluated); test is never touched by 'tune'.
+PROTOCOLS = {"final": ("train800val200", "test"), "tune": ("train800", "val200")}
+
+
+def _materialize(source, num_classes: int, shard_index: int, shard_count: int, size: int,
+                 num_workers: int, where: str) -> Split:
+  t0 = time.time()
+  imgs, labels, n_global = source.load(shard_index, shard_count, size, num_workers)
+  labels = np.asarray(labels)
+  if n_global == 0:
+    raise DataError(f"{where}: split {source.name} is empty")
+  bad = np.nonzero((labels < 0) | (labels >= num_classes))[0]
+  if bad.size:  # sources that derive labels (tfds, demo) are checked here
+    raise DataError(f"{where}: split {source.name} example {shard_index + bad[0] * shard_count} has label "
+                    f"{labels[bad[0]]} outside [0, {num_classes}) ({bad.size} such example(s))")
+  logging.info("%s: %s holds %d of %d examples at %d px (%.1fs, %.0f MiB)", where, source.name,
+               len(labels), n_global, size, time.time() - t0, imgs.nbytes / 2**20)
+  return Split(source.name, imgs, labels.astype(np.int32), int(n_global), shard_index, shard_count)
+
+
+def build_task(cfg, process_index: int = 0, process_count: int = 1) -> Task:
+  """Reads config.data (source, root, task, protocol, image_size, ...) into a Task.
+
+  The train split is held whole by every process; the eval split is decoded per process,
+  examples process_index::process_count only.
+  """
+  if cfg.source not in SOURCES:
+    raise DataError(f"unknown config.data.source {cfg.source!r}; expected one of {', '.join(SOURCES)}")
+  if cfg.protocol not in PROTOCOLS:
+    raise DataError(f"unknown config.data.protocol {cfg.protocol!r}; expected final or tune")
+  if cfg.image_size <= 0:
+    raise DataError(f"config.data.image_size must be positive, got {cfg.image_size}")
+  names = PROTOCOLS[cfg.protocol]
+  num_classes, srcs = SOURCES[cfg.source](cfg, names)
+  if num_classes < 1:
+    raise DataError(f"{cfg.source}:{cfg.task}: no classes found (num_classes={num_classes})")
+  train_name, eval_name = list(srcs)  # sources return (train, eval) in this order
+  where = f"{cfg.source}:{cfg.task}"
+  workers = max(1, int(cfg.num_workers))
+  train = _materialize(srcs[train_name], num_classes, 0, 1, cfg.image_size, workers, where)
+  ev = _materialize(srcs[eval_name], num_classes, process_index, process_count, cfg.image_size, workers, where)
+  return Task(cfg.task, num_classes, train, {eval_name: ev})
