@@ -1,5 +1,7 @@
 """Joining a multi-process run through jax.distributed (JAX is the distributed engine)."""
 
+import glob
+import importlib.util
 import os
 
 import jax
@@ -24,8 +26,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def _in_cluster() -> bool:
-  # SLURM with several tasks, or a multi-host TPU VM slice (TPU_WORKER_HOSTNAMES lists >1 host).
+  """SLURM with several tasks, or a Cloud TPU VM (where JAX finds the slice's hosts from
+  the metadata server; on a single-host VM it simply finds one process)."""
   if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     return True
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h]) > 1
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")  # GKE TPU pods
+  if len([h for h in hosts.split(",") if h]) > 1:
+    return True
+  # A Cloud TPU VM: the TPU runtime is installed and TPU chips are attached.
+  return importlib.util.find_spec("libtpu") is not None and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))

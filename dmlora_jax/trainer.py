@@ -333,11 +333,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       "devices": f"{jax.process_count()}x{run.n_local} {jax.devices()[0].device_kind}",
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
   run.checkpointer.close()
   print_summary(results)
   return results
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """A reader (the sweep, a person) never sees a half-written file: temp file + rename."""
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
 
 
 def flatten_config(config) -> dict:
@@ -384,6 +391,5 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   for k, v in acc.items():
     say(f"{k} top-1: {100 * v:.2f}%")
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump({"accuracy": acc, "from": "merged newest checkpoint"}, f, indent=2)
+    write_json_atomic(os.path.join(workdir, "eval.json"), {"accuracy": acc, "from": "merged newest checkpoint"})
   return acc
