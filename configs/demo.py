@@ -33,8 +33,8 @@ def get_config(arg=None):
   c.dmlora.rank = 4
   c.dmlora.alpha = 8.0
   c.dmlora.targets = ("query", "key", "value", "out", "Dense_0", "Dense_1")
-  c.stage1.epochs = 30
-  c.stage1.warmup_epochs = 3
+  c.stage1.epochs = 20
+  c.stage1.warmup_epochs = 2
   c.stage1.lr = 3e-3
-  c.stage2.epochs = 5
+  c.stage2.epochs = 3
   return c

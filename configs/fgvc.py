@@ -8,7 +8,7 @@ Command (final protocol: train+val -> test):
 - `dataset=` is cub (200 classes), nabirds (555), oxford_flowers (102), stanford_dogs (120) or
   stanford_cars (196): a folder `<config.data.root>/<dataset>/` holding VPT's train.json,
   val.json, test.json and the images (CUB, NABirds: images/; Stanford Dogs: Images/; Oxford
-  Flowers, Stanford Cars: the folder itself). See docs/data.md.
+  Flowers, Stanford Cars: the folder itself). See the README section "Preparing VTAB-1k and FGVC".
 - Hyper-parameter search: add `--config.data.protocol=tune` (train -> val; test never read).
 - `:dataset=cub,runlocal` shrinks the run to a tiny-model smoke test.
 

@@ -4,7 +4,7 @@
   for batch in data.prefetch(data.train_batches(task.train, 64, seed, epoch, pi, pc)): ...
 
 Sources (config.data.source): vtab1k_folder (NOAH layout), fgvc_json (VPT layout), tfds
-(TensorFlow Datasets) and demo (scikit-learn's bundled digits). See docs/data.md.
+(TensorFlow Datasets) and demo (scikit-learn's bundled digits). See the README section "Preparing VTAB-1k and FGVC".
 """
 
 from dmlora_jax.data.batching import eval_batches, epoch_permutation, num_eval_batches, prefetch, \

@@ -1,7 +1,7 @@
 """The 19 VTAB-1k tasks: folder name, class count, TFDS name/version, split strings, labels.
 
-Facts follow google-research/task_adaptation (see ../shared/PROTOCOL.md and docs/data.md
-for where this table departs from PROTOCOL.md). Label functions are numpy functions of one
+Facts follow google-research/task_adaptation (the README section "Preparing VTAB-1k and
+FGVC" says where this table departs from ../shared/PROTOCOL.md). Label functions are numpy functions of one
 TFDS example (as yielded by `tfds.as_numpy`) and mirror the TF originals exactly.
 """
 
