@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dmlora_jax import data, dmlora, merge, npz, partition, steps, vit
 from dmlora_jax.checkpointing import Checkpointer, ResumeError
@@ -67,7 +68,6 @@ def init_params(model: vit.ViT, config, image_size: int) -> tuple[dict, str]:
   path = config.model.init_checkpoint
   if path:
     return npz.load_pretrained(params, path)
-  logging.warning("config.model.init_checkpoint is empty: the backbone is RANDOMLY initialised")
   say("WARNING: model.init_checkpoint is empty; fine-tuning a randomly initialised backbone")
   base = {k: v for k, v in merge.flatten(params).items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
   return params, "random:" + npz.fingerprint(base)
@@ -205,11 +205,18 @@ class Run:
     return state, meta["stage"]
 
   def batches(self, epoch: int, skip: int):
+    """One epoch's batches from `skip` on, with a leading local-device axis. Run inside
+    data.prefetch, the host-to-device copy overlaps the running step (single process;
+    a multi-process pmap takes host arrays)."""
     it = data.train_batches(self.task.train, self.config.batch_size, self.config.seed, epoch,
                             jax.process_index(), jax.process_count())
+    sharding = None
+    if jax.process_count() == 1:
+      sharding = NamedSharding(Mesh(np.array(self.devices), (steps.AXIS,)), P(steps.AXIS))
     for i, b in enumerate(it):
       if i >= skip:
-        yield steps.shard_batch(b, self.n_local)
+        b = steps.shard_batch(b, self.n_local)
+        yield b if sharding is None else jax.device_put(b, sharding)
 
   def evaluate(self, state_dev) -> dict[str, float]:
     ev = self.eval_step()

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from dmlora_jax import npz
-from trainer_utils import VTAB_ROOT, run_main
+from trainer_utils import VTAB_ROOT, run_main, subprocess_env
 
 ARGS = ["--config=configs/vtab1k.py:task=cifar10", f"--config.data.root={VTAB_ROOT}",
         "--config.model.variant=tiny/4", "--config.model.init_checkpoint=", "--config.data.image_size=16",
@@ -33,7 +33,7 @@ def _free_port():
 
 def _start_pair(wd, extra=()):
   port = _free_port()
-  env = dict(os.environ, PYTHONPATH=REPO, **TWO_DEVICES)
+  env = subprocess_env(**TWO_DEVICES)
   procs = []
   for pid in range(2):
     cmd = [sys.executable, "-m", "dmlora_jax.main", *ARGS, *extra, f"--workdir={wd}",

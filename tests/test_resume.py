@@ -14,15 +14,15 @@ import pytest
 
 from conftest import REPO
 from dmlora_jax import npz
-from trainer_utils import VTAB_ROOT, run_main
+from trainer_utils import VTAB_ROOT, run_main, subprocess_env
 
 ARGS = ["--config=configs/vtab1k.py:task=cifar10", f"--config.data.root={VTAB_ROOT}",
-        "--config.model.variant=Ti/8", "--config.model.init_checkpoint=", "--config.data.image_size=32",
-        "--config.batch_size=32", "--config.stage1.epochs=2", "--config.stage1.warmup_epochs=1",
+        "--config.model.variant=mini/4", "--config.model.init_checkpoint=", "--config.data.image_size=32",
+        "--config.batch_size=32", "--config.stage1.epochs=3", "--config.stage1.warmup_epochs=1",
         "--config.stage2.epochs=1", "--config.dmlora.drop_start=0.3", "--config.checkpoint_every=10",
         "--config.log_every=1", "--config.data.num_workers=2"]
 ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-TOTAL = 3 * (1000 // 32)
+STAGE1, TOTAL = 3 * (1000 // 32), 4 * (1000 // 32)
 
 
 def _logged_step(wd):
@@ -34,7 +34,7 @@ def _logged_step(wd):
 
 
 def _start_and_signal(wd, sig, after_step):
-  env = dict(os.environ, PYTHONPATH=REPO, **ENV)
+  env = subprocess_env(**ENV)
   p = subprocess.Popen([sys.executable, "-m", "dmlora_jax.main", *ARGS, f"--workdir={wd}"], cwd=REPO, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
@@ -63,10 +63,11 @@ def test_kill_and_sigterm_then_resume_give_a_bitwise_equal_export(uninterrupted,
   rc, _, _ = _start_and_signal(wd, signal.SIGKILL, after_step=15)
   assert rc == -signal.SIGKILL
   assert not os.path.exists(os.path.join(wd, "results.json"))
-  rc, out, err = _start_and_signal(wd, signal.SIGTERM, after_step=TOTAL * 2 // 3)  # in stage 2
+  rc, out, err = _start_and_signal(wd, signal.SIGTERM, after_step=STAGE1 + 5)  # in stage 2
   assert rc == 0, err[-3000:]
   assert "Resumed from checkpoint step" in out and "Stopped at step" in out
   stopped = int(out.split("Stopped at step ")[1].split()[0])
+  assert STAGE1 < stopped < TOTAL
   assert str(stopped) in os.listdir(os.path.join(wd, "checkpoints"))  # SIGTERM saved that very step
   r = run_main(ARGS + [f"--workdir={wd}"], env_extra=ENV)
   assert r.returncode == 0, r.stderr[-3000:]

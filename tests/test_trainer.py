@@ -130,7 +130,7 @@ def test_frozen_leaves_are_bit_identical_after_training(run_obj):
 
 
 def _step_flops(method, tmp_path, **over):
-  c = tiny_config(method=method, image_size=32, **{"model.variant": "Ti/8", **over})
+  c = tiny_config(method=method, image_size=16, **{"model.variant": "mini/4", **over})
   run = trainer.Run(c, str(tmp_path / method))
   state = steps.replicate(run.host_state(1), run.devices)
   fn = run.train_step(1)[0]

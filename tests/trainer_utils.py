@@ -3,11 +3,22 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 from conftest import REPO, SHARED
 from dmlora_jax import config_base
 
 VTAB_ROOT = os.path.join(SHARED, "data", "vtab1k")
+
+# Subprocess runs of the same model share XLA's persistent compilation cache: the same
+# program, compiled once per test session (the cached executable gives bit-identical results).
+_CACHE = tempfile.mkdtemp(prefix="dmlora_jax_test_xla_cache_")
+SUBPROCESS_ENV = {"JAX_COMPILATION_CACHE_DIR": _CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "PYTHONPATH": REPO}
+
+
+def subprocess_env(**extra) -> dict:
+  return {**os.environ, **SUBPROCESS_ENV, **extra}
 
 
 def tiny_config(method="dmlora", epochs=1, stage2_epochs=1, image_size=16, batch_size=32, **over):
@@ -37,8 +48,6 @@ def tiny_config(method="dmlora", epochs=1, stage2_epochs=1, image_size=16, batch
 
 
 def run_main(args, env_extra=None, timeout=300, **kw):
-  env = dict(os.environ)
-  env.update(env_extra or {})
-  env.setdefault("PYTHONPATH", REPO)
+  env = subprocess_env(**(env_extra or {}))
   return subprocess.run([sys.executable, "-m", "dmlora_jax.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout, **kw)
