@@ -9,7 +9,6 @@ import functools
 import re
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import optax
 
 from dmlora_jax.merge import flatten, unflatten

@@ -3,7 +3,6 @@
 import json
 import os
 
-import pytest
 
 from trainer_utils import VTAB_ROOT, run_main
 

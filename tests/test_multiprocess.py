@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from dmlora_jax import npz
-from trainer_utils import VTAB_ROOT, run_main, subprocess_env
+from trainer_utils import VTAB_ROOT, logged_step, run_main, subprocess_env
 
 ARGS = ["--config=configs/vtab1k.py:task=cifar10", f"--config.data.root={VTAB_ROOT}",
         "--config.model.variant=tiny/4", "--config.model.init_checkpoint=", "--config.data.image_size=16",
@@ -70,19 +70,11 @@ def test_two_processes_give_the_same_merged_export_as_one(single_process_4_devic
   assert abs(ra["accuracy"]["test"] - rb["accuracy"]["test"]) <= 2e-3  # eval covers all 1,000 once
 
 
-def _logged_step(wd):
-  try:
-    lines = open(os.path.join(wd, "metrics.jsonl")).read().splitlines()
-    return json.loads(lines[-1])["step"] if lines else 0
-  except (FileNotFoundError, json.JSONDecodeError, IndexError):
-    return 0
-
-
 def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(single_process_4_devices, tmp_path):
   wd = str(tmp_path / "preempted")
   procs = _start_pair(wd, extra=["--config.stage1.epochs=6"])
   deadline = time.time() + 240
-  while _logged_step(wd) < 10 and all(p.poll() is None for p in procs) and time.time() < deadline:
+  while logged_step(wd) < 10 and all(p.poll() is None for p in procs) and time.time() < deadline:
     time.sleep(0.01)
   assert all(p.poll() is None for p in procs), "the run ended before it could be preempted"
   procs[1].send_signal(signal.SIGTERM)

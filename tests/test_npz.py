@@ -7,7 +7,7 @@ import pytest
 
 from dmlora_jax import dmlora, npz, vit
 from dmlora_jax.merge import flatten, merge_params
-from test_model import IMG, images, make, randomize
+from test_model import images, make, randomize
 
 
 def test_export_reads_back_identical_and_reproduces_logits(tmp_path):

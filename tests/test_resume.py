@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from dmlora_jax import npz
-from trainer_utils import VTAB_ROOT, run_main, subprocess_env
+from trainer_utils import VTAB_ROOT, logged_step, run_main, subprocess_env
 
 ARGS = ["--config=configs/vtab1k.py:task=cifar10", f"--config.data.root={VTAB_ROOT}",
         "--config.model.variant=mini/4", "--config.model.init_checkpoint=", "--config.data.image_size=32",
@@ -25,20 +25,12 @@ ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 STAGE1, TOTAL = 3 * (1000 // 32), 4 * (1000 // 32)
 
 
-def _logged_step(wd):
-  try:
-    lines = open(os.path.join(wd, "metrics.jsonl")).read().splitlines()
-    return json.loads(lines[-1])["step"] if lines else 0
-  except (FileNotFoundError, json.JSONDecodeError, IndexError):
-    return 0
-
-
 def _start_and_signal(wd, sig, after_step):
   env = subprocess_env(**ENV)
   p = subprocess.Popen([sys.executable, "-m", "dmlora_jax.main", *ARGS, f"--workdir={wd}"], cwd=REPO, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
-  while _logged_step(wd) < after_step and p.poll() is None and time.time() < deadline:
+  while logged_step(wd) < after_step and p.poll() is None and time.time() < deadline:
     time.sleep(0.01)
   assert p.poll() is None, "the run finished before it could be interrupted: " + p.stderr.read()[-2000:]
   p.send_signal(sig)

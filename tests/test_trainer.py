@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from dmlora_jax import merge, npz, partition, steps, trainer
+from dmlora_jax import npz, partition, steps, trainer
 from dmlora_jax.merge import flatten
 from trainer_utils import tiny_config
 

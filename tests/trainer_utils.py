@@ -1,5 +1,6 @@
 """Shared helpers of the trainer tests: tiny configs on the shared cifar10 task."""
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,12 @@ def run_main(args, env_extra=None, timeout=300, **kw):
   env = subprocess_env(**(env_extra or {}))
   return subprocess.run([sys.executable, "-m", "dmlora_jax.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def logged_step(workdir: str) -> int:
+  """The last step a run wrote to metrics.jsonl (0 before the first line)."""
+  try:
+    lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+  except (FileNotFoundError, json.JSONDecodeError, IndexError):
+    return 0
