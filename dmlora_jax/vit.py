@@ -15,8 +15,9 @@ the stored kernels keep their checkpoint shapes. Without one, the same code is a
 ViT (no adapter code runs), which is what a merged export is run with.
 
 The computation is laid out for speed on XLA (CPU in particular): the patch embedding is
-a reshape + matmul, q/k/v are one fused matmul, and attention runs as batched matmuls over
-(batch*heads, tokens, head_dim).
+a reshape + matmul, q/k/v are one fused matmul, attention runs as batched matmuls over
+(batch*heads, tokens, head_dim) with the 1/sqrt(head_dim) scale on q, and the tanh GELU has a
+custom VJP that keeps only its input for the backward pass (benchmarks/README.md).
 """
 
 import dataclasses
@@ -72,8 +73,36 @@ def parse_variant(variant: str, num_classes: int, **kwargs) -> ViTConfig:
   return ViTConfig(width, depth, heads, mlp, int(m.group(2)), num_classes, **kwargs)
 
 
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """tanh-approximate GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), that saves only x.
+
+  Autodiff of the formula keeps x^2, x^3 and tanh(.) of the (B, T, mlp_dim) activation for
+  the backward pass, so XLA CPU writes and re-reads several activation-sized tensors; here
+  the forward is one elementwise pass and the backward recomputes tanh from x in one pass.
+  """
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_fwd(x):
+  return jax.nn.gelu(x, approximate=True), x
+
+
+def _gelu_tanh_bwd(x, g):
+  c = math.sqrt(2.0 / math.pi)
+  x2 = x * x
+  t = jnp.tanh(c * (x + 0.044715 * x2 * x))
+  dt = c * (1.0 + 3 * 0.044715 * x2)
+  return (g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
 def _gelu(approximate: bool) -> Callable:
-  return lambda x: jax.nn.gelu(x, approximate=approximate)
+  if approximate:
+    return gelu_tanh
+  return lambda x: jax.nn.gelu(x, approximate=False)
 
 
 class Projection(nn.Module):
@@ -166,7 +195,10 @@ class MultiHeadDotProductAttention(nn.Module):
       return y.reshape(b, t, h, dh).transpose(0, 2, 1, 3).reshape(b * h, t, dh)
 
     q, k, v = (heads(y) for y in qkv)
-    logits = jnp.einsum("nqd,nkd->nqk", q, k) / jnp.sqrt(jnp.asarray(dh, dt))
+    # Scaling q (B*H*T*Dh values, fused into the head transpose) instead of the logits
+    # (B*H*T*T values, a separate pass on CPU) saves one pass over the largest tensor.
+    q = q * jnp.asarray(1.0 / math.sqrt(dh), dt)
+    logits = jnp.einsum("nqd,nkd->nqk", q, k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
     o = jnp.einsum("nqk,nkd->nqd", weights, v)
     o = o.reshape(b, h, t, dh).transpose(0, 2, 1, 3).reshape(b, t, h * dh)

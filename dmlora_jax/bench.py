@@ -1,0 +1,449 @@
+r"""Speed and memory of full, linear, LoRA and DMLoRA training on random data.
+
+  python -m dmlora_jax.bench --variant S/16 --image_size 224 --batch_size 32 --steps 10 \
+      --methods full,linear,lora,dmlora --num_branches 4 --rank 8 --json=bench.json
+
+Every row runs the real per-device train step of steps.py (pmapped over the local devices,
+state donated) on a fixed random uint8 batch. All rows are compiled first and then timed
+round-robin, one step of each row in turn, with the f32 matmul ceiling in the same rounds,
+so that load from other processes on a shared machine hits every row alike; figures are
+medians. `peak_memory_bytes` is the backend's device peak where it reports one, else the
+peak RSS of a fresh process per row (compile + one train and one eval step); with
+--in_process 1 it is this process's cumulative peak instead.
+
+- `lora` uses the same total rank as DMLoRA (K*r) unless --lora_rank says otherwise; with
+  --per_branch_lora 1 (default) a second LoRA row `lora_r{r}` has DMLoRA's per-branch rank r.
+- `dmlora` also reports merged-model and plain-ViT eval throughput (interleaved), and hashes
+  of the lowered and compiled eval programs of both (equal = the same compiled program).
+- --k_sweep 1,2,4,8 adds `dmlora_k{K}` rows; --switches remat,bf16 adds `full_*`/`dmlora_*`
+  rows with config.model.remat / config.model.dtype=bfloat16.
+XLA flags, if any, come from the XLA_FLAGS environment variable and are recorded.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmlora_jax import config_base, merge, partition, steps, trainer
+
+METHODS = ("full", "linear", "lora", "dmlora")
+PEER_LORA_IMAGES_PER_S = 8.96  # timm + PEFT LoRA, ViT-S/16 224 px, batch 32, 2 threads (PERF_NOTES.md)
+
+
+# ---- helpers ----
+
+def _config(a: argparse.Namespace, method: str, num_branches: int, rank: int, dtype: str = "", remat: int = -1):
+  c = config_base.get_base_config()
+  c.method = method
+  c.model.variant = a.variant
+  c.model.dtype = dtype or a.dtype
+  c.model.remat = bool(a.remat if remat < 0 else remat)
+  c.data.image_size = a.image_size
+  c.batch_size = a.batch_size
+  c.dmlora.num_branches = max(num_branches, 1)
+  c.dmlora.rank = rank
+  c.dmlora.targets = tuple(a.targets.split(","))
+  return c
+
+
+def _times(fn, n: int) -> list[float]:
+  """Wall time of n calls of fn, each waited for."""
+  out = []
+  for _ in range(n):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    out.append(time.perf_counter() - t)
+  return out
+
+
+def _flops(compiled) -> float:
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):  # older jax: one dict per program
+    ca = ca[0] if ca else {}
+  return float((ca or {}).get("flops", 0.0))
+
+
+def _fingerprint(text: str) -> str:
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def peak_memory() -> tuple[int, str]:
+  """(bytes, source): the device's peak where the backend reports one, else peak RSS."""
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device_peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
+
+
+def _on_devices(tree: Any) -> Any:
+  """(n_dev, ...) host arrays -> arrays sharded over the local devices along axis 0."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  sharding = NamedSharding(Mesh(np.array(jax.local_devices()), (steps.AXIS,)), P(steps.AXIS))
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+class Matmul:
+  """f32 (n x n) @ (n x n) through jax.jit: the machine's ceiling. Timed in the same
+  round-robin as the rows, so that it sees the same load."""
+
+  def __init__(self, n: int):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    self.n = n
+    self.a = jax.random.normal(k1, (n, n), jnp.float32)
+    self.b = jax.random.normal(k2, (n, n), jnp.float32)
+    self.f = jax.jit(jnp.dot).lower(self.a, self.b).compile()
+    jax.block_until_ready(self.f(self.a, self.b))
+    self.times = []
+
+  def step(self, repeats: int = 3) -> float:
+    """The best of a few calls (one call is short next to a train step)."""
+    return min(_times(lambda: self.f(self.a, self.b), repeats))
+
+  def result(self) -> dict:
+    t = statistics.median(self.times)
+    return {"n": self.n, "median_s": t, "flops_per_s": 2.0 * self.n ** 3 / t, "times_s": self.times}
+
+
+# ---- one method ----
+
+class Row:
+  """One method's compiled train and eval steps on a fixed random batch; times them one call
+  at a time, so that several rows can be interleaved (fair on a shared machine)."""
+
+  def __init__(self, a: argparse.Namespace, method: str, num_branches: int, rank: int, dtype: str = "",
+               remat: int = -1):
+    self.a, self.method = a, method
+    c = self.config = _config(a, method, num_branches, rank, dtype, remat)
+    self.adapter = adapter = trainer.adapter_spec(c)
+    model = trainer.build_model(c, a.num_classes, adapter)
+    n_dev = self.n_dev = jax.local_device_count()
+    if a.batch_size % n_dev:
+      raise ValueError(f"--batch_size {a.batch_size} is not divisible by the {n_dev} local devices")
+    x0 = jnp.zeros((1, a.image_size, a.image_size, 3), jnp.float32)
+    params = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.key(0), x0)["params"])
+    trainable, frozen = partition.split(params, partition.owned_labels(method))
+    self.counts = trainer.count(trainable), trainer.count(params)
+    tx, _ = partition.make_optimizer(method, 1, 1000, c)
+    mask_shape = None
+    if adapter is not None:
+      mask_shape = (model.cfg.depth, len(adapter.targets), adapter.num_branches)
+    drop = 0.25 if method == "dmlora" else 0.0  # the cost of a step does not depend on p
+    sc = steps.StepConfig(method=method, stage=1, normalization="imagenet", stage1_steps=1000,
+                          drop_schedule="constant", drop_start=drop, drop_end=drop, mask_shape=mask_shape)
+    train = steps.pmap_train_step(steps.make_train_step(model, tx, sc))
+    self.state = steps.replicate(steps.TrainState(step=np.int32(0), trainable=trainable, frozen=frozen,
+                                                  opt_state=jax.tree.map(np.asarray, tx.init(trainable))))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (a.batch_size, a.image_size, a.image_size, 3), dtype=np.uint8)
+    labels = rng.integers(0, a.num_classes, (a.batch_size,), dtype=np.int32)
+    self.batch = _on_devices(steps.shard_batch({"image": images, "label": labels}, n_dev))
+    self.eval_batch = _on_devices(steps.shard_batch(
+        {"image": images, "label": labels, "mask": np.ones((a.batch_size,), np.float32)}, n_dev))
+    self.base_key = jax.random.key(1)
+    t0 = time.perf_counter()
+    self.train_c = train.lower(self.state, self.batch, self.base_key).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.step_flops = _flops(self.train_c) * n_dev  # cost analysis is of the per-device program
+    self.eval_c = steps.pmap_eval_step(steps.make_eval_step(model, "imagenet")).lower(
+        self.state, self.eval_batch).compile()
+    self.i, self.train_times, self.eval_times = 0, [], []
+
+  def train_step(self) -> float:
+    t = time.perf_counter()
+    self.state, m = self.train_c(self.state, self.batch, jax.random.fold_in(self.base_key, self.i))
+    jax.block_until_ready(m["loss"])
+    self.i += 1
+    return time.perf_counter() - t
+
+  def eval_step(self) -> float:
+    t = time.perf_counter()
+    jax.block_until_ready(self.eval_c(self.state, self.eval_batch))
+    return time.perf_counter() - t
+
+  def result(self) -> dict:
+    a, ad = self.a, self.adapter
+    step_s, eval_s = statistics.median(self.train_times), statistics.median(self.eval_times)
+    out = {
+        "method": self.method, "num_branches": ad.num_branches if ad else 0, "rank": ad.rank if ad else 0,
+        "dtype": self.config.model.dtype, "remat": bool(self.config.model.remat),
+        "train_images_per_s": a.batch_size / step_s, "train_step_s": step_s, "train_step_times_s": self.train_times,
+        "eval_images_per_s": a.batch_size / eval_s, "eval_step_s": eval_s, "compile_s": self.compile_s,
+        "trainable_params": self.counts[0], "total_params": self.counts[1],
+        "step_flops": self.step_flops, "achieved_flops_per_s": self.step_flops / step_s,
+        "eval_flops": _flops(self.eval_c) * self.n_dev,
+    }
+    if self.method == "dmlora":
+      out.update(_merged_vs_plain(a, self.config, self.state, self.eval_batch, self.eval_c))
+    return out
+
+
+def measure_rows(a: argparse.Namespace, specs: list[tuple]) -> tuple[dict[str, dict], dict]:
+  """Compiles every row, then times them round-robin (step i of every row, then step i+1),
+  so that load from other processes on a shared machine hits every row alike."""
+  rows = {}
+  for name, *spec in specs:
+    print(f"[bench] compiling {name}: {spec}", file=sys.stderr, flush=True)
+    rows[name] = Row(a, *spec)
+  mm = Matmul(a.matmul_size)
+  for _ in range(a.warmup):
+    for row in rows.values():
+      row.train_step(), row.eval_step()
+  for _ in range(a.steps):
+    for row in rows.values():
+      row.train_times.append(row.train_step())
+    mm.times.append(mm.step())
+  for _ in range(a.eval_steps):
+    for row in rows.values():
+      row.eval_times.append(row.eval_step())
+    mm.times.append(mm.step())
+  return {name: row.result() for name, row in rows.items()}, mm.result()
+
+
+def _merged_vs_plain(a, c, state_dev, eval_batch, adapter_eval_c) -> dict:
+  """Eval throughput of the merged params and of a plain ViT (adapter=None), interleaved
+  so that load changes hit both alike, and the fingerprints of their programs."""
+  host = steps.unreplicate(state_dev.replace(opt_state=None))
+  merged = merge.merge_params(partition.join(host.frozen, host.trainable))
+  plain_model = trainer.build_model(c, a.num_classes, None)
+  x0 = jnp.zeros((1, a.image_size, a.image_size, 3), jnp.float32)
+  plain = jax.tree.map(np.asarray, jax.jit(plain_model.init)(jax.random.key(2), x0)["params"])
+  ev = steps.pmap_eval_step(steps.make_eval_step(plain_model, "imagenet"))
+
+  def eval_state(params):  # every leaf in `frozen`: eval only joins the two
+    return steps.replicate(steps.TrainState(step=np.int32(0), trainable={}, frozen=params, opt_state=None))
+
+  progs = {}
+  for name, p in (("merged", merged), ("plain", plain)):
+    s = eval_state(p)
+    lowered = ev.lower(s, eval_batch)
+    comp = lowered.compile()
+    jax.block_until_ready(comp(s, eval_batch))
+    progs[name] = (s, lowered.as_text(), comp)
+  times = {"merged": [], "plain": []}
+  for _ in range(a.eval_steps):
+    for name in ("merged", "plain"):
+      s, _, comp = progs[name]
+      times[name] += _times(lambda: comp(s, eval_batch), 1)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  fp = {k: {"lowered_hlo_sha256": _fingerprint(v[1]), "compiled_hlo_sha256": _fingerprint(v[2].as_text()),
+            "eval_flops": _flops(v[2])} for k, v in progs.items()}
+  return {
+      "merged_eval_images_per_s": a.batch_size / med["merged"],
+      "plain_eval_images_per_s": a.batch_size / med["plain"],
+      "merged_over_plain_eval": med["plain"] / med["merged"],
+      "programs": {**fp, "unmerged_adapter": {"compiled_hlo_sha256": _fingerprint(adapter_eval_c.as_text()),
+                                              "eval_flops": _flops(adapter_eval_c)}},
+      "merged_is_plain_program": fp["merged"]["lowered_hlo_sha256"] == fp["plain"]["lowered_hlo_sha256"]
+                                 and fp["merged"]["compiled_hlo_sha256"] == fp["plain"]["compiled_hlo_sha256"],
+  }
+
+
+# ---- the run ----
+
+def _runs(a) -> list[tuple]:
+  """(row name, method, K, per-branch rank[, dtype, remat]) for every row to measure."""
+  k, r = a.num_branches, a.rank
+  lora_rank = a.lora_rank if a.lora_rank > 0 else k * r
+  rows = []
+  for m in a.methods.split(","):
+    if m not in METHODS:
+      raise ValueError(f"--methods: unknown method {m!r}; choose from {METHODS}")
+    if m == "lora":
+      rows.append(("lora", "lora", 1, lora_rank))
+      if a.per_branch_lora and lora_rank != r:
+        rows.append((f"lora_r{r}", "lora", 1, r))
+    elif m == "dmlora":
+      rows.append(("dmlora", "dmlora", k, r))
+    else:
+      rows.append((m, m, 0, 0))
+  for kk in (int(x) for x in a.k_sweep.split(",") if x):
+    rows.append((f"dmlora_k{kk}", "dmlora", kk, r))
+  for sw in filter(None, a.switches.split(",")):
+    if sw not in ("remat", "bf16"):
+      raise ValueError(f"--switches: unknown switch {sw!r}; choose from remat, bf16")
+    for name, method, kk, rr in [x for x in rows if x[0] in ("full", "dmlora")]:
+      rows.append((f"{name}_{sw}", method, kk, rr, "bfloat16" if sw == "bf16" else "", 1 if sw == "remat" else -1))
+  return rows
+
+
+def child_peak_memory(a: argparse.Namespace, spec: tuple[str, str, int, int]) -> dict:
+  """Peak memory of one row in a fresh Python process: compile, one train step, one eval step."""
+  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+    path = f.name
+  argv = [sys.executable, "-m", "dmlora_jax.bench", *a.raw_argv, f"--_child={json.dumps(spec)}",
+          f"--_child_out={path}"]
+  try:
+    subprocess.run(argv, check=True)
+    with open(path) as f:
+      return json.load(f)
+  finally:
+    os.remove(path)
+
+
+def _child_main(a: argparse.Namespace) -> None:
+  _, *spec = json.loads(a._child)
+  row = Row(a, *spec)
+  row.train_step(), row.eval_step()
+  mem, source = peak_memory()
+  with open(a._child_out, "w") as f:
+    json.dump({"peak_memory_bytes": mem, "peak_memory_source": source}, f)
+
+
+def hardware() -> dict:
+  model = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return {"cpu_model": model, "cpu_count": os.cpu_count(), "devices": [str(d) for d in jax.local_devices()],
+          "backend": jax.default_backend(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "load_average_1_5_15": list(os.getloadavg())}
+
+
+def targets(res: dict, r: int) -> dict:
+  """The issue's targets, each {value, target, holds} where the rows it needs were measured."""
+  m = res["methods"]
+  out = {}
+
+  def add(name, value, target, holds):
+    out[name] = {"value": value, "target": target, "holds": bool(holds)}
+
+  if "dmlora" in m:
+    for row in (f"lora_r{r}", "lora"):
+      if row in m:
+        v = m["dmlora"]["train_step_s"] / m[row]["train_step_s"]
+        add(f"dmlora_step_over_{row}_step", v, "<= 1.05", v <= 1.05)
+  if "full" in m:
+    for row in ("lora", f"lora_r{r}", "dmlora"):
+      if row in m:
+        v = m[row]["train_step_s"] / m["full"]["train_step_s"]
+        add(f"{row}_step_over_full_step", v, "<= 0.72", v <= 0.72)
+    if "dmlora" in m:
+      v = m["dmlora"]["peak_memory_bytes"] / m["full"]["peak_memory_bytes"]
+      add("dmlora_peak_memory_over_full", v, "< 1", v < 1)
+  if "dmlora" in m:
+    d = m["dmlora"]
+    v = d["merged_over_plain_eval"]
+    add("merged_eval_over_plain_eval", v, "within 0.97..1.03", 0.97 <= v <= 1.03)
+    add("merged_is_plain_program", d["merged_is_plain_program"], "true", d["merged_is_plain_program"])
+    v = d["achieved_flops_per_s"] / res["matmul"]["flops_per_s"]
+    add("dmlora_train_flops_over_matmul", v, ">= 0.60", v >= 0.60)
+    st = res["settings"]
+    if (st["variant"], st["image_size"], st["batch_size"]) == ("S/16", 224, 32):  # the peer's workload only
+      add("dmlora_train_images_per_s", d["train_images_per_s"], f">= {PEER_LORA_IMAGES_PER_S} (PyTorch+PEFT LoRA)",
+          d["train_images_per_s"] >= PEER_LORA_IMAGES_PER_S)
+  return out
+
+
+def table(res: dict) -> str:
+  ceil = res["matmul"]["flops_per_s"]
+  lines = ["| row | K | rank | dtype | remat | trainable | total | train img/s | step s | eval img/s | compile s | "
+           "step GFLOP | GFLOP/s | % matmul | peak MiB |", "|" + " --- |" * 15]
+  for name, m in res["methods"].items():
+    lines.append(f"| {name} | {m['num_branches']} | {m['rank']} | {m['dtype']} | {int(m['remat'])} | {m['trainable_params']:,} | {m['total_params']:,} | "
+                 f"{m['train_images_per_s']:.2f} | {m['train_step_s']:.3f} | {m['eval_images_per_s']:.2f} | "
+                 f"{m['compile_s']:.1f} | {m['step_flops'] / 1e9:.1f} | {m['achieved_flops_per_s'] / 1e9:.1f} | "
+                 f"{100 * m['achieved_flops_per_s'] / ceil:.0f}% | {m['peak_memory_bytes'] / 2**20:.0f} |")
+  mm = res["matmul"]
+  lines.append(f"\nf32 matmul {mm['n']}^3: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s (median {mm['median_s'] * 1e3:.1f} ms)")
+  if "dmlora" in res["methods"]:
+    d = res["methods"]["dmlora"]
+    lines.append(f"dmlora merged eval {d['merged_eval_images_per_s']:.2f} img/s, plain ViT eval "
+                 f"{d['plain_eval_images_per_s']:.2f} img/s (ratio {d['merged_over_plain_eval']:.3f}); "
+                 f"same program: {d['merged_is_plain_program']} "
+                 f"(lowered {d['programs']['merged']['lowered_hlo_sha256']} vs "
+                 f"{d['programs']['plain']['lowered_hlo_sha256']})")
+  if res["targets"]:
+    lines += ["", "| target | value | wanted | holds |", "| --- | --- | --- | --- |"]
+    for k, t in res["targets"].items():
+      v = t["value"]
+      lines.append(f"| {k} | {v:.3f} | {t['target']} | {'yes' if t['holds'] else 'NO'} |" if not isinstance(v, bool)
+                   else f"| {k} | {v} | {t['target']} | {'yes' if t['holds'] else 'NO'} |")
+  return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--variant", default="S/16")
+  ap.add_argument("--image_size", type=int, default=224)
+  ap.add_argument("--batch_size", type=int, default=32)
+  ap.add_argument("--num_classes", type=int, default=100)
+  ap.add_argument("--steps", type=int, default=10, help="timed train steps after compilation and warm-up")
+  ap.add_argument("--warmup", type=int, default=1, help="untimed train steps after compilation")
+  ap.add_argument("--eval_steps", type=int, default=5, help="timed eval steps")
+  ap.add_argument("--methods", default="full,linear,lora,dmlora")
+  ap.add_argument("--num_branches", type=int, default=4)
+  ap.add_argument("--rank", type=int, default=8, help="rank of each DMLoRA branch")
+  ap.add_argument("--lora_rank", type=int, default=0, help="LoRA rank; 0 = the same total rank, K * rank")
+  ap.add_argument("--per_branch_lora", type=int, default=1,
+                  help="1: also measure LoRA at DMLoRA's per-branch rank (row lora_r{rank})")
+  ap.add_argument("--targets", default="query,key,value", help="adapted projections")
+  ap.add_argument("--k_sweep", default="", help="e.g. 1,2,4,8: extra dmlora_k{K} rows")
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--remat", type=int, default=0, help="1: rematerialise each encoder block")
+  ap.add_argument("--switches", default="", help="e.g. remat,bf16: extra full_/dmlora_ rows with that switch on")
+  ap.add_argument("--matmul_size", type=int, default=2048)
+  ap.add_argument("--in_process", type=int, default=0,
+                  help="1: no fresh process per row for peak memory (faster; peak memory is then cumulative)")
+  ap.add_argument("--json", default="", help="where the results go")
+  ap.add_argument("--_child", default="", help=argparse.SUPPRESS)
+  ap.add_argument("--_child_out", default="", help=argparse.SUPPRESS)
+  a = ap.parse_args(argv)
+  a.raw_argv = [x for x in (sys.argv[1:] if argv is None else argv) if not x.startswith("--_child")]
+  return a
+
+
+def main(argv=None) -> dict | None:
+  a = parse_args(argv)
+  if a._child:
+    _child_main(a)
+    return None
+  res = {"command": "python -m dmlora_jax.bench " + " ".join(a.raw_argv), "hardware": hardware(),
+         "settings": {k: v for k, v in vars(a).items() if not k.startswith("_") and k != "raw_argv"},
+         "timing_note": "rows compiled first, then timed round-robin (one step of each row in turn); medians",
+         "peak_memory_note": "peak of a fresh process per row (compile + 1 train + 1 eval step)" if not a.in_process
+         else "peak of this process after all rows (cumulative, the same for every row)",
+         "methods": {}}
+  specs, same = [], {}
+  for name, *spec in _runs(a):
+    first = next((s[0] for s in specs if tuple(s[1:]) == tuple(spec)), None)
+    if first:  # e.g. dmlora_k4 is the dmlora row
+      same[name] = first
+    else:
+      specs.append((name, *spec))
+  mem = {} if a.in_process else {s[0]: child_peak_memory(a, s) for s in specs}
+  res["methods"], res["matmul"] = measure_rows(a, specs)
+  for name, m in res["methods"].items():
+    if a.in_process:
+      m["peak_memory_bytes"], m["peak_memory_source"] = peak_memory()
+    else:
+      m.update(mem[name])
+  for name, first in same.items():
+    res["methods"][name] = dict(res["methods"][first], same_as=first)
+  res["hardware"]["load_average_end"] = list(os.getloadavg())
+  res["targets"] = targets(res, a.rank)
+  text = table(res)
+  print(text)
+  if a.json:
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    with open(a.json, "w") as f:
+      json.dump(res, f, indent=1)
+  return res
+
+
+if __name__ == "__main__":
+  main()
