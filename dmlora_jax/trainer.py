@@ -191,6 +191,11 @@ class Run:
       if meta.get("method") != self.config.method:
         raise ResumeError(f"{self.checkpointer.directory}: checkpoint is method={meta.get('method')}, config "
                           f"says {self.config.method}; use a new --workdir")
+      if meta.get("steps_per_epoch") != self.plan.steps_per_epoch:
+        raise ResumeError(f"{self.checkpointer.directory}: checkpoint {meta.get('step')} was written with "
+                          f"{meta.get('steps_per_epoch')} steps per epoch, this config gives "
+                          f"{self.plan.steps_per_epoch} (batch_size or data changed); resuming would not be "
+                          "exact: use a new --workdir")
       s = self.host_state(meta["stage"])
       return {"trainable": s.trainable, "opt_state": s.opt_state}
 

@@ -99,3 +99,11 @@ def test_resume_refuses_a_different_base_checkpoint(uninterrupted, tmp_path):
   r = run_main(ARGS + [f"--workdir={wd}", "--config.seed=7"], env_extra=ENV)
   assert r.returncode == 2
   assert "was trained from base weights" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_refuses_a_different_batch_size(uninterrupted, tmp_path):
+  wd = str(tmp_path / "other_batch")
+  shutil.copytree(uninterrupted, wd)
+  r = run_main(ARGS + [f"--workdir={wd}", "--config.batch_size=16"], env_extra=ENV)
+  assert r.returncode == 2
+  assert "steps per epoch" in r.stderr and "Traceback" not in r.stderr
