@@ -317,8 +317,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   os.makedirs(workdir, exist_ok=True)
   run = Run(config, workdir)
   plan = run.plan
-  say(f"dmlora_jax: method={config.method} variant={config.model.variant} task={run.task.train.name} "
-        f"({run.task.train.num_examples_global} train examples, {run.num_classes} classes), "
+  say(f"dmlora_jax: method={config.method} variant={config.model.variant} task={config.data.task} "
+        f"({run.task.train.name}: {run.task.train.num_examples_global} examples, {run.num_classes} classes), "
         f"{plan.total} steps = {plan.stage1_steps} stage 1 + {plan.stage2_steps} stage 2, "
         f"{jax.process_count()} process(es) x {run.n_local} {jax.devices()[0].platform} device(s)")
   state_dev = run.train()
