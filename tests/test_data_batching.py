@@ -106,3 +106,19 @@ def test_prefetch_yields_everything_in_order_and_reraises():
   assert next(it) == 1
   with pytest.raises(RuntimeError, match="boom"):
     next(it)
+
+
+def test_prefetch_closed_early_leaves_no_producer_thread_running():
+  import threading
+  import time
+
+  def slow():
+    for i in range(1000):
+      time.sleep(0.01)  # the producer is busy when the consumer stops
+      yield i
+
+  before = set(threading.enumerate())
+  it = data.prefetch(slow(), size=2)
+  assert next(it) == 0
+  it.close()
+  assert set(threading.enumerate()) - before == set()

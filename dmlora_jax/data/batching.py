@@ -118,3 +118,6 @@ def prefetch(iterator, size: int = 2) -> Iterator:
       yield item
   finally:
     stop.set()
+    # Wait for the producer to leave whatever it is doing (a device_put, say): a daemon
+    # thread still inside native code when the interpreter exits aborts the process.
+    t.join(timeout=30)
