@@ -27,6 +27,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.representation_size = 0  # 0 = no pre_logits layer
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.remat = False  # rematerialise each encoder block in the backward pass
+  c.model.drop_path = 0.0  # stochastic depth of the last block (some PyTorch recipes use 0.1)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "vtab1k_folder"  # vtab1k_folder | fgvc_json | tfds | demo

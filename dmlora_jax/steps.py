@@ -61,6 +61,11 @@ def drop_probability(sc: StepConfig, step) -> jax.Array:
                                     sc.drop_steps)
 
 
+def device_key(step_key: jax.Array, axis_name: str = AXIS) -> jax.Array:
+  """A key for this device's own randomness in a step: fold_in(step_key, device index)."""
+  return jax.random.fold_in(jax.random.fold_in(step_key, 1), jax.lax.axis_index(axis_name))
+
+
 def make_train_step(model, tx: optax.GradientTransformation, sc: StepConfig, axis_name: str = AXIS) -> Callable:
   """The per-device step; run it under pmap or shard_map with `axis_name`."""
   trained = partition.trained_labels(sc.method, sc.stage, sc.stage2_train_head)
@@ -74,9 +79,13 @@ def make_train_step(model, tx: optax.GradientTransformation, sc: StepConfig, axi
     if sc.uses_masks:
       masks = schedules.branch_masks(step_key, p, sc.mask_shape, sc.min_active, sc.rescale)
 
+    # Drop-path differs per device (each holds other examples): the device index is folded
+    # in. The branch masks above do not: every device drops the same branches.
+    rngs = {"drop_path": device_key(step_key, axis_name)}
+
     def loss_fn(diff):
       params = partition.join(state.frozen, held, diff)
-      logits = model.apply({"params": params}, images, masks).astype(jnp.float32)
+      logits = model.apply({"params": params}, images, masks, train=True, rngs=rngs).astype(jnp.float32)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       return loss, logits
 

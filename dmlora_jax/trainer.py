@@ -54,7 +54,8 @@ def adapter_spec(config) -> dmlora.AdapterSpec | None:
 def build_model(config, num_classes: int, adapter=None) -> vit.ViT:
   m = config.model
   cfg = vit.parse_variant(m.variant, num_classes, representation_size=m.representation_size,
-                          gelu_approximate=m.gelu_approximate, dtype=m.dtype, remat=m.remat)
+                          gelu_approximate=m.gelu_approximate, dtype=m.dtype, remat=m.remat,
+                          drop_path=m.drop_path)
   return vit.ViT(cfg, adapter)
 
 

@@ -57,6 +57,11 @@ class ViTConfig:
   gelu_approximate: bool = True
   dtype: str = "float32"
   remat: bool = False
+  drop_path: float = 0.0  # stochastic depth of the last block; linear from 0 over depth (timm)
+
+  def __post_init__(self):
+    if not 0.0 <= self.drop_path < 1.0:
+      raise ValueError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
 
   @property
   def head_dim(self) -> int:
@@ -224,15 +229,23 @@ class MlpBlock(nn.Module):
 class EncoderBlock(nn.Module):
   cfg: ViTConfig
   adapter: dmlora.AdapterSpec | None
+  drop_path: float = 0.0  # this block's rate; 0 or deterministic = identity
 
   @nn.compact
   def __call__(self, x, masks):
     y = LayerNorm(name="LayerNorm_0")(x)
     y = MultiHeadDotProductAttention(self.cfg, self.adapter, name="MultiHeadDotProductAttention_1")(y, masks)
-    x = x + y.astype(x.dtype)
+    x = x + self._drop_path(y.astype(x.dtype))
     y = LayerNorm(name="LayerNorm_2")(x)
     y = MlpBlock(self.cfg, self.adapter, name="MlpBlock_3")(y, masks)
-    return x + y.astype(x.dtype)
+    return x + self._drop_path(y.astype(x.dtype))
+
+  def _drop_path(self, y_BxTxD):
+    """Per-example stochastic depth of a residual branch, kept ones scaled by 1/(1-rate)."""
+    if self.drop_path <= 0.0:
+      return y_BxTxD
+    keep = jax.random.bernoulli(self.make_rng("drop_path"), 1.0 - self.drop_path, (y_BxTxD.shape[0], 1, 1))
+    return y_BxTxD * keep.astype(y_BxTxD.dtype) / (1.0 - self.drop_path)
 
 
 class PosEmbed(nn.Module):
@@ -246,27 +259,29 @@ class Transformer(nn.Module):
   adapter: dmlora.AdapterSpec | None
 
   @nn.compact
-  def __call__(self, x, masks):
+  def __call__(self, x, masks, train: bool = False):
     x = PosEmbed(name="posembed_input")(x)
     block_cls = nn.remat(EncoderBlock) if self.cfg.remat else EncoderBlock
     for i in range(self.cfg.depth):
       m = None if masks is None else masks[i]
-      x = block_cls(self.cfg, self.adapter, name=f"encoderblock_{i}")(x, m)
+      rate = self.cfg.drop_path * i / max(self.cfg.depth - 1, 1) if train else 0.0
+      x = block_cls(self.cfg, self.adapter, drop_path=rate, name=f"encoderblock_{i}")(x, m)
     return LayerNorm(name="encoder_norm")(x)
 
 
 class ViT(nn.Module):
   """ViT classifier on the class token.
 
-  __call__(images_BxHxWx3 float, branch_masks=None) -> logits (B, num_classes).
+  __call__(images_BxHxWx3 float, branch_masks=None, train=False) -> logits (B, num_classes).
   branch_masks: (depth, len(adapter.targets), K) keep multipliers; None = all branches, no
-  rescale (evaluation).
+  rescale (evaluation). train=True enables drop-path (cfg.drop_path > 0 needs a 'drop_path'
+  rng).
   """
   cfg: ViTConfig
   adapter: dmlora.AdapterSpec | None = None
 
   @nn.compact
-  def __call__(self, images, branch_masks=None):
+  def __call__(self, images, branch_masks=None, train: bool = False):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, hh, ww, ch = images.shape
     p = c.patch_size
@@ -278,7 +293,7 @@ class ViT(nn.Module):
     emb = Embedding(c, name="embedding")(patches, ch)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, c.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c.width)).astype(emb.dtype), emb], axis=1)
-    x = Transformer(c, self.adapter, name="Transformer")(x.astype(jnp.float32), branch_masks)
+    x = Transformer(c, self.adapter, name="Transformer")(x.astype(jnp.float32), branch_masks, train)
     x = x[:, 0]
     if c.representation_size:
       x = jnp.tanh(nn.Dense(c.representation_size, name="pre_logits")(x))

@@ -48,6 +48,16 @@ for i, b in enumerate(batches):
   st, m2 = sm(st, flat, jax.random.fold_in(run.base_key, i))
 sharded = jax.tree.map(np.asarray, st.trainable)
 
+keys = jax.pmap(lambda _, k: jax.random.key_data(steps.device_key(k)), axis_name=steps.AXIS,
+                in_axes=(0, None))(np.zeros(4), jax.random.key(3))
+keys = np.asarray(keys).reshape(4, -1)
+
+# A drop-path run compiles and trains under pmap (per-device rngs).
+c2 = tiny_config(batch_size=32, **{"model.drop_path": 0.3})
+run2 = trainer.Run(c2, tempfile.mkdtemp())
+st2, m3 = run2.train_step(1)[0](steps.replicate(run2.host_state(1), run2.devices), next(run2.batches(0, 0)),
+                               jax.random.key(0))
+
 diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(pmapped), jax.tree.leaves(sharded))]
 moved = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(pmapped), jax.tree.leaves(trainable))]
 json.dump({
@@ -58,5 +68,7 @@ json.dump({
     "shard_map_masks_equal_pmap": bool(np.array_equal(np.asarray(m2["masks"]), masks[1][0])),
     "max_abs_diff_pmap_vs_shard_map": max(diffs),
     "max_update": max(moved),
+    "device_keys_distinct": len({tuple(k) for k in keys}) == 4,
+    "drop_path_loss": float(np.asarray(m3["loss"])[0]),
     "loss_pmap": float(np.asarray(m1["loss"])[0]), "loss_shard_map": float(np.asarray(m2["loss"])),
 }, sys.stdout)

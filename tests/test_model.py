@@ -199,3 +199,22 @@ def test_bf16_compute_and_remat_switches_stay_close_to_float32():
   np.testing.assert_allclose(remat, ref, atol=1e-6)
   assert bf16.dtype == jnp.bfloat16 or bf16.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(bf16, np.float32), ref, atol=0.1 * np.abs(ref).max() + 0.05)
+
+
+def test_drop_path_acts_in_training_only_and_follows_its_rng():
+  _, params = make(None)
+  params = randomize(params)
+  x = images(n=8)
+  plain = make(None)[0].apply({"params": params}, x)
+  model = make(None, drop_path=0.5)[0]
+  np.testing.assert_array_equal(model.apply({"params": params}, x), plain)  # eval: identity
+  a = model.apply({"params": params}, x, train=True, rngs={"drop_path": jax.random.key(0)})
+  b = model.apply({"params": params}, x, train=True, rngs={"drop_path": jax.random.key(1)})
+  a2 = model.apply({"params": params}, x, train=True, rngs={"drop_path": jax.random.key(0)})
+  np.testing.assert_array_equal(a, a2)
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+  # Per example: block 0 has rate 0, block 1 rate 0.5, so some examples keep their output
+  # (up to the 1/(1-p) rescale of kept branches) and differ from the eval output.
+  assert np.abs(np.asarray(a) - np.asarray(plain)).max() > 1e-3
+  with pytest.raises(ValueError, match="model.drop_path"):
+    vit.parse_variant("tiny/4", 5, drop_path=1.0)

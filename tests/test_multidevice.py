@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -38,3 +39,8 @@ def test_pmap_and_shard_map_give_the_same_step(report):
   assert report["max_update"] > 1e-4  # the steps did change the params
   assert report["max_abs_diff_pmap_vs_shard_map"] < 1e-6
   assert abs(report["loss_pmap"] - report["loss_shard_map"]) < 1e-6
+
+
+def test_per_device_randomness_folds_in_the_device_index(report):
+  assert report["device_keys_distinct"]  # drop-path keys differ by device, branch masks do not
+  assert np.isfinite(report["drop_path_loss"])
