@@ -282,7 +282,7 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images, branch_masks=None, train: bool = False):
-    c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    c = self.cfg
     b, hh, ww, ch = images.shape
     p = c.patch_size
     if hh % p or ww % p:
