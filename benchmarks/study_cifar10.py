@@ -33,16 +33,13 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dmlora_jax import merge, npz, vit  # noqa: E402
+from dmlora_jax import data, merge, npz, vit  # noqa: E402
 
 SOURCE = os.path.join(REPO, "..", "shared", "data", "cifar10_source5.npz")
 
 # The pre-training recipe (DeiT-like, shortened to fit ~15 min of 2 CPU cores).
 PRETRAIN = dict(variant="mini/4", image_size=32, epochs=14, batch_size=128, lr=2e-3, min_lr=2e-5,
                 warmup_epochs=1, weight_decay=0.05, holdout=1000, seed=0, label_smoothing=0.1)
-# ImageNet mean/std, the normalisation the adaptation config uses (data.normalization='imagenet').
-MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
 
 def load_source(path: str = SOURCE) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +80,8 @@ def pretrain(out: str, epochs: int | None = None) -> dict:
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=p["weight_decay"], mask=decay))
   opt_state = tx.init(params)
 
-  def prep(x):
-    return (x.astype(jnp.float32) - MEAN) / STD
+  def prep(x):  # the normalisation the adaptation config uses (data.normalization='imagenet')
+    return data.normalize(x, "imagenet")
 
   @jax.jit
   def step(params, opt_state, x, y):

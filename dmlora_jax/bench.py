@@ -90,9 +90,7 @@ def peak_memory() -> tuple[int, str]:
 
 def _on_devices(tree: Any) -> Any:
   """(n_dev, ...) host arrays -> arrays sharded over the local devices along axis 0."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  sharding = NamedSharding(Mesh(np.array(jax.local_devices()), (steps.AXIS,)), P(steps.AXIS))
-  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+  return jax.device_put(tree, steps.local_sharding())
 
 
 class Matmul:

@@ -4,7 +4,7 @@ The train step is a pure function `(state, batch, step_key) -> (state, metrics)`
 - Branch masks come from `step_key` alone (the caller passes fold_in(base_key, step), the
   same on every device), so all devices drop the same branches in a step: a dropped
   branch takes no part in that iteration anywhere. Randomness that should differ per
-  device would fold in `lax.axis_index(axis_name)`.
+  device (drop-path) uses `device_key`, which folds in `lax.axis_index(axis_name)`.
 - p(t) is computed from `state.step` inside the compiled function: no recompilation.
 - Gradients are taken w.r.t. the leaves trained in this stage only, so the frozen weights'
   gradients are never computed (XLA sees no use for them), and averaged across devices.
@@ -141,16 +141,19 @@ def shard_map_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
   return jax.jit(f, donate_argnums=(0,))
 
 
+def local_sharding(devices=None) -> NamedSharding:
+  """Splits a leading axis over the local devices, as pmap lays out its inputs."""
+  return NamedSharding(Mesh(np.array(devices or jax.local_devices()), (AXIS,)), P(AXIS))
+
+
 def replicate(tree: Any, devices=None) -> Any:
   """Host tree -> the same tree with a leading axis over the local devices, on them."""
   devices = devices or jax.local_devices()
   n = len(devices)
+  stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), tree)
   if jax.process_count() > 1:
-    # pmap over several processes takes host arrays with a leading local-device axis.
-    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), tree)
-  sharding = NamedSharding(Mesh(np.array(devices), (AXIS,)), P(AXIS))
-  return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), sharding),
-                      tree)
+    return stacked  # pmap over several processes takes host arrays with a local-device axis
+  return jax.device_put(stacked, local_sharding(devices))
 
 
 def unreplicate(tree: Any) -> Any:

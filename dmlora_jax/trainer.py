@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dmlora_jax import data, dmlora, merge, npz, partition, steps, vit
 from dmlora_jax.checkpointing import Checkpointer, ResumeError
@@ -215,9 +214,7 @@ class Run:
     a multi-process pmap takes host arrays)."""
     it = data.train_batches(self.task.train, self.config.batch_size, self.config.seed, epoch,
                             jax.process_index(), jax.process_count())
-    sharding = None
-    if jax.process_count() == 1:
-      sharding = NamedSharding(Mesh(np.array(self.devices), (steps.AXIS,)), P(steps.AXIS))
+    sharding = steps.local_sharding(self.devices) if jax.process_count() == 1 else None
     for i, b in enumerate(it):
       if i >= skip:
         b = steps.shard_batch(b, self.n_local)
