@@ -104,6 +104,42 @@ def _gelu_tanh_bwd(x, g):
 gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 
+@jax.custom_vjp
+def attention(q_NxTxD: jax.Array, k_NxTxD: jax.Array, v_NxTxD: jax.Array) -> jax.Array:
+  """softmax(q k^T) v over (batch*heads, tokens, head_dim), softmax in float32.
+
+  The forward pass keeps the unnormalised e = exp(s - max s) and divides the (N, T, Dh)
+  output by the row sums instead of the (N, T, T) weights, which saves a pass over the
+  largest tensor. The backward pass uses rowsum(P * dP) = rowsum(dO * O), so that the
+  (N, T, T) gradient is one elementwise pass over the dO V^T product.
+  """
+  return _attention_fwd(q_NxTxD, k_NxTxD, v_NxTxD)[0]
+
+
+def _attention_fwd(q, k, v):
+  s = jnp.einsum("nqd,nkd->nqk", q, k).astype(jnp.float32)
+  e = jnp.exp(s - s.max(-1, keepdims=True))
+  r = 1.0 / e.sum(-1, keepdims=True)  # (N, T, 1)
+  o = (jnp.einsum("nqk,nkd->nqd", e.astype(v.dtype), v).astype(jnp.float32) * r).astype(v.dtype)
+  return o, (q, k, v, e, r, o)
+
+
+def _attention_bwd(res, do):
+  q, k, v, e, r, o = res
+  dt = v.dtype
+  do_r = (do.astype(jnp.float32) * r).astype(dt)  # dO / rowsum
+  dv = jnp.einsum("nqk,nqd->nkd", e.astype(dt), do_r)  # P^T dO
+  dp_r = jnp.einsum("nqd,nkd->nqk", do_r, v).astype(jnp.float32)  # (dO V^T) / rowsum
+  delta_r = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1, keepdims=True) * r
+  ds = (e * (dp_r - delta_r)).astype(dt)  # P * (dP - rowsum(dO * O))
+  dq = jnp.einsum("nqk,nkd->nqd", ds, k)
+  dk = jnp.einsum("nqk,nqd->nkd", ds, q)
+  return dq, dk, dv
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 def _gelu(approximate: bool) -> Callable:
   if approximate:
     return gelu_tanh
@@ -203,9 +239,7 @@ class MultiHeadDotProductAttention(nn.Module):
     # Scaling q (B*H*T*Dh values, fused into the head transpose) instead of the logits
     # (B*H*T*T values, a separate pass on CPU) saves one pass over the largest tensor.
     q = q * jnp.asarray(1.0 / math.sqrt(dh), dt)
-    logits = jnp.einsum("nqd,nkd->nqk", q, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
-    o = jnp.einsum("nqk,nkd->nqd", weights, v)
+    o = attention(q, k, v)
     o = o.reshape(b, h, t, dh).transpose(0, 2, 1, 3).reshape(b, t, h * dh)
     return _dense(o, projs["out"], _mask_for(self.adapter, masks, "out"), dt)
 
