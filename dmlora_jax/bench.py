@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmlora_jax import config_base, merge, partition, steps, trainer
+from dmlora_jax import config_base, hostmem, merge, partition, steps, trainer
 
 METHODS = ("full", "linear", "lora", "dmlora")
 PEER_LORA_IMAGES_PER_S = 8.96  # timm + PEFT LoRA, ViT-S/16 224 px, batch 32, 2 threads (PERF_NOTES.md)
@@ -309,6 +309,7 @@ def hardware() -> dict:
     pass
   return {"cpu_model": model, "cpu_count": os.cpu_count(), "devices": [str(d) for d in jax.local_devices()],
           "backend": jax.default_backend(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "host_malloc": hostmem.status(),
           "load_average_1_5_15": list(os.getloadavg())}
 
 
@@ -444,4 +445,5 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_hugepages()  # XLA CPU: huge pages for malloc (a fresh process, so JAX is not set up yet)
   main()

@@ -72,4 +72,6 @@ def run():
 
 
 if __name__ == "__main__":
+  from dmlora_jax import hostmem
+  hostmem.reexec_with_hugepages()  # XLA CPU: huge pages for malloc, before JAX is imported
   run()

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dmlora_jax import data, dmlora, merge, npz, partition, steps, vit
+from dmlora_jax import data, dmlora, hostmem, merge, npz, partition, steps, vit
 from dmlora_jax.checkpointing import Checkpointer, ResumeError
 from dmlora_jax.progress import MetricWriter, Progress, print_summary, say
 
@@ -319,6 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         f"({run.task.train.name}: {run.task.train.num_examples_global} examples, {run.num_classes} classes), "
         f"{plan.total} steps = {plan.stage1_steps} stage 1 + {plan.stage2_steps} stage 2, "
         f"{jax.process_count()} process(es) x {run.n_local} {jax.devices()[0].platform} device(s)")
+  if jax.default_backend() == "cpu":
+    say(f"host: {hostmem.status()}")
   state_dev = run.train()
   if state_dev is None:
     return None

@@ -54,3 +54,25 @@ def test_gelu_tanh_custom_vjp_matches_autodiff_of_the_formula():
   got = lambda x: jnp.sum(jnp.sin(x) * vit.gelu_tanh(x))
   np.testing.assert_array_equal(vit.gelu_tanh(x), jax.nn.gelu(x, approximate=True))
   np.testing.assert_allclose(jax.grad(got)(x), jax.grad(ref)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_custom_vjp_matches_autodiff_of_softmax_attention():
+  # vit.attention defers the softmax normalisation and has a hand-written backward pass;
+  # value and gradients must be those of softmax(q k^T) v, here with large logits (stability).
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from dmlora_jax import vit
+
+  def ref(q, k, v):
+    w = jax.nn.softmax(jnp.einsum("nqd,nkd->nqk", q, k), axis=-1)
+    return jnp.einsum("nqk,nkd->nqd", w, v)
+
+  kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (4.0 * jax.random.normal(key, (6, 17, 8)) for key in (kq, kk, kv))
+  g = jax.random.normal(kg, (6, 17, 8))
+  np.testing.assert_allclose(vit.attention(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
+  got = jax.vjp(vit.attention, q, k, v)[1](g)
+  want = jax.vjp(ref, q, k, v)[1](g)
+  for name, a, b in zip("qkv", got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()), err_msg=f"d{name}")
