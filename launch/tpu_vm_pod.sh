@@ -31,30 +31,11 @@
 #   RUN_SUBDIR (runs, under the bucket), PORT (8476, coordinator), EXTRA_ARGS (appended).
 set -euo pipefail
 
-PROJECT="${PROJECT:-$(gcloud config get-value project 2>/dev/null)}"
-ZONE="${ZONE:-us-central2-b}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-32}"
-TPU_VERSION="${TPU_VERSION:-tpu-ubuntu2204-base}"
 TPU_NAME="${TPU_NAME:-dmlora-pod}"
-SPOT="${SPOT:-0}"
-BUCKET="${BUCKET:-}"
-DATA_SUBDIR="${DATA_SUBDIR:-vtab-1k}"
-CKPT_URL="${CKPT_URL:-gs://vit_models/imagenet21k/ViT-B_16.npz}"
-TASK="${TASK:-cifar}"
 RUN_SUBDIR="${RUN_SUBDIR:-runs}"
 PORT="${PORT:-8476}"
-EXTRA_ARGS="${EXTRA_ARGS:-}"
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-GC=(gcloud compute tpus tpu-vm)
-WHERE=(--project="$PROJECT" --zone="$ZONE")
-
-on_all() {
-  "${GC[@]}" ssh "$TPU_NAME" "${WHERE[@]}" --worker=all --command="$1"
-}
-
-need_bucket() {
-  if [[ -z "$BUCKET" ]]; then echo "set BUCKET=gs://your-bucket" >&2; exit 2; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/tpu_common.sh"
 
 dist_flags() {  # --coordinator_address/--num_processes/--process_id, process id resolved per host
   local ip_n
@@ -65,26 +46,13 @@ dist_flags() {  # --coordinator_address/--num_processes/--process_id, process id
   echo "--coordinator_address=$ip:$PORT --num_processes=$n --process_id=\$(curl -s -H Metadata-Flavor:Google $meta)"
 }
 
-COMMON="--config.data.root=\$HOME/data/$DATA_SUBDIR --config.model.init_checkpoint=\$HOME/dmlora_jax/checkpoints/ViT-B_16.npz --config.data.normalization=inception"
-
 case "${1:-}" in
   create)
-    spot=()
-    if [[ "$SPOT" == 1 ]]; then spot=(--spot); fi
-    "${GC[@]}" create "$TPU_NAME" "${WHERE[@]}" --accelerator-type="$ACCELERATOR_TYPE" \
-      --version="$TPU_VERSION" "${spot[@]}"
+    create_vm
     ;;
   setup)
     need_bucket
-    tgz="$(mktemp -d)/dmlora_jax.tgz"
-    git -C "$REPO" ls-files -z | tar -C "$REPO" --null -T - -czf "$tgz"
-    "${GC[@]}" scp "$tgz" "$TPU_NAME":~/ "${WHERE[@]}" --worker=all
-    on_all "set -e; mkdir -p ~/dmlora_jax && tar -xzf ~/dmlora_jax.tgz -C ~/dmlora_jax && cd ~/dmlora_jax \
-      && python3 -m pip install -q -r requirements.txt \
-      && python3 -m pip install -q \"jax[tpu]==\$(python3 -c 'import jax; print(jax.__version__)')\" \
-           -f https://storage.googleapis.com/jax-releases/libtpu_releases.html \
-      && mkdir -p checkpoints ~/data ~/bucket && gsutil -q cp -n $CKPT_URL checkpoints/ \
-      && gsutil -q -m rsync -r $BUCKET/$DATA_SUBDIR ~/data/$DATA_SUBDIR \
+    ship_and_install "mkdir -p ~/bucket \
       && (command -v gcsfuse >/dev/null || { \
            echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" \
              | sudo tee /etc/apt/sources.list.d/gcsfuse.list \

@@ -31,50 +31,18 @@
 #   EXTRA_ARGS        appended to the training / sweep command (e.g. "--config.batch_size=128")
 set -euo pipefail
 
-PROJECT="${PROJECT:-$(gcloud config get-value project 2>/dev/null)}"
-ZONE="${ZONE:-us-central2-b}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-8}"
-TPU_VERSION="${TPU_VERSION:-tpu-ubuntu2204-base}"
 TPU_NAME="${TPU_NAME:-dmlora}"
-SPOT="${SPOT:-0}"
-BUCKET="${BUCKET:-}"
-DATA_SUBDIR="${DATA_SUBDIR:-vtab-1k}"
-CKPT_URL="${CKPT_URL:-gs://vit_models/imagenet21k/ViT-B_16.npz}"
-TASK="${TASK:-cifar}"
 RUN_DIR="${RUN_DIR:-runs}"  # relative to the VM's home directory
-EXTRA_ARGS="${EXTRA_ARGS:-}"
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-GC=(gcloud compute tpus tpu-vm)
-WHERE=(--project="$PROJECT" --zone="$ZONE")
-
-on_all() {  # run a command on every worker (one here; the same call serves pods)
-  "${GC[@]}" ssh "$TPU_NAME" "${WHERE[@]}" --worker=all --command="$1"
-}
-
-# The ViT-B/16 IN-21k .npz expects inputs in [-1, 1] (PROTOCOL.md): inception normalisation.
-COMMON="--config.data.root=\$HOME/data/$DATA_SUBDIR --config.model.init_checkpoint=\$HOME/dmlora_jax/checkpoints/ViT-B_16.npz --config.data.normalization=inception"
+source "$(dirname "${BASH_SOURCE[0]}")/tpu_common.sh"
 
 case "${1:-}" in
   create)
-    spot=()
-    if [[ "$SPOT" == 1 ]]; then spot=(--spot); fi
-    "${GC[@]}" create "$TPU_NAME" "${WHERE[@]}" --accelerator-type="$ACCELERATOR_TYPE" \
-      --version="$TPU_VERSION" "${spot[@]}"
+    create_vm
     ;;
   setup)
-    if [[ -z "$BUCKET" ]]; then echo "set BUCKET=gs://... (holding $DATA_SUBDIR/)" >&2; exit 2; fi
-    # The tracked files of the working tree (uncommitted edits included), not .git or runs.
-    tgz="$(mktemp -d)/dmlora_jax.tgz"
-    git -C "$REPO" ls-files -z | tar -C "$REPO" --null -T - -czf "$tgz"
-    "${GC[@]}" scp "$tgz" "$TPU_NAME":~/ "${WHERE[@]}" --worker=all
-    # jax[tpu] is installed separately, at the version requirements.txt pins, with libtpu.
-    on_all "set -e; mkdir -p ~/dmlora_jax && tar -xzf ~/dmlora_jax.tgz -C ~/dmlora_jax && cd ~/dmlora_jax \
-      && python3 -m pip install -q -r requirements.txt \
-      && python3 -m pip install -q \"jax[tpu]==\$(python3 -c 'import jax; print(jax.__version__)')\" \
-           -f https://storage.googleapis.com/jax-releases/libtpu_releases.html \
-      && mkdir -p checkpoints ~/data && gsutil -q cp -n $CKPT_URL checkpoints/ \
-      && gsutil -q -m rsync -r $BUCKET/$DATA_SUBDIR ~/data/$DATA_SUBDIR \
-      && python3 -c 'import jax; print(jax.process_index(), jax.device_count(), jax.devices()[0].device_kind)'"
+    need_bucket
+    ship_and_install "python3 -c 'import jax; print(jax.process_index(), jax.device_count(), jax.devices()[0].device_kind)'"
     ;;
   train)
     on_all "cd ~/dmlora_jax && python3 -m dmlora_jax.main --config=configs/vtab1k.py:task=$TASK \
