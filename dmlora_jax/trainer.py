@@ -113,13 +113,14 @@ def _check_batch(config, n_local: int):
 class Run:
   """One fine-tuning run in a workdir (resumes by itself from its checkpoints)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, decode_train: bool = True,
+               decode_eval: bool = True):
     self.config, self.workdir = config, workdir
     self.devices = jax.local_devices()
     self.n_local = len(self.devices)
     _check_batch(config, self.n_local)
     self.adapter = adapter_spec(config)
-    self.task = data.build_task(config.data, jax.process_index(), jax.process_count())
+    self.task = data.build_task(config.data, jax.process_index(), jax.process_count(), decode_train, decode_eval)
     self.num_classes = self.task.num_classes
     self.model = build_model(config, self.num_classes, self.adapter)
     self.params, self.base_fingerprint = init_params(self.model, config, config.data.image_size)
@@ -372,8 +373,9 @@ def flatten_config(config) -> dict:
   return out
 
 
-def _restored_params(config, workdir) -> tuple[Run, dict]:
-  run = Run(config, workdir)
+def _restored_params(config, workdir, need_eval: bool) -> tuple[Run, dict]:
+  # Only the train split's example count is needed (the resume checks); its images are not.
+  run = Run(config, workdir, decode_train=False, decode_eval=need_eval)
   got = run.restore()
   if got is None:
     raise ResumeError(f"no checkpoint in {run.checkpointer.directory}: train first")
@@ -383,7 +385,7 @@ def _restored_params(config, workdir) -> tuple[Run, dict]:
 
 def export_from_checkpoint(config, workdir: str) -> str:
   """--mode=export: writes merged.npz from the newest checkpoint."""
-  run, params = _restored_params(config, workdir)
+  run, params = _restored_params(config, workdir, need_eval=False)
   path = export_merged(params, workdir)
   run.checkpointer.close()
   say(f"Wrote {path}")
@@ -392,7 +394,7 @@ def export_from_checkpoint(config, workdir: str) -> str:
 
 def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   """--mode=eval: merges the newest checkpoint and evaluates it with the plain ViT."""
-  run, params = _restored_params(config, workdir)
+  run, params = _restored_params(config, workdir, need_eval=True)
   plain = build_model(config, run.num_classes, None)
   run.model = plain
   merged = merge.merge_params(params)

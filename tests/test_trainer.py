@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dmlora_jax import npz, partition, steps, trainer
+from dmlora_jax.data import images as data_images
 from dmlora_jax.merge import flatten
 from trainer_utils import tiny_config
 
@@ -61,17 +62,25 @@ def test_checkpoints_are_adapter_sized(learned):
   assert backbone_bytes > 50_000
 
 
-def test_eval_mode_on_merged_export_matches_training_accuracy(learned):
+def test_eval_mode_on_merged_export_matches_training_accuracy(learned, monkeypatch):
   wd, c, res = learned
+  decoded = []
+  real = data_images.decode_files
+  monkeypatch.setattr(data_images, "decode_files", lambda refs, *a, **k: decoded.append(len(refs)) or real(refs, *a, **k))
   acc = trainer.evaluate_checkpoint(c, wd)
+  assert len(decoded) == 1  # the eval split only; the train split is counted, not decoded
   assert acc["test"] == pytest.approx(res["accuracy"]["test"], abs=1.5e-3)  # <= 1 image of 1,000 flips
 
 
-def test_export_mode_rewrites_the_same_merged_npz(learned):
+def test_export_mode_rewrites_the_same_merged_npz_without_decoding_images(learned, monkeypatch):
   wd, c, _ = learned
   before = npz.load_npz(os.path.join(wd, "merged.npz"))
   os.remove(os.path.join(wd, "merged.npz"))
+  decoded = []
+  real = data_images.decode_files
+  monkeypatch.setattr(data_images, "decode_files", lambda refs, *a, **k: decoded.append(len(refs)) or real(refs, *a, **k))
   trainer.export_from_checkpoint(c, wd)
+  assert decoded == []  # export needs the train split's count (resume checks), not its images
   after = npz.load_npz(os.path.join(wd, "merged.npz"))
   assert set(before) == set(after)
   for k in before:

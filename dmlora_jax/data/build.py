@@ -31,11 +31,24 @@ def _materialize(source, num_classes: int, shard_index: int, shard_count: int, s
   return Split(source.name, imgs, labels.astype(np.int32), int(n_global), shard_index, shard_count)
 
 
-def build_task(cfg, process_index: int = 0, process_count: int = 1) -> Task:
+def _counted(source, size: int) -> Split | None:
+  """A split with its global count and no examples (nothing decoded); None if uncountable."""
+  n = source.count()
+  if n is None:
+    return None
+  if n == 0:
+    raise DataError(f"split {source.name} is empty")
+  return Split(source.name, np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int32), int(n))
+
+
+def build_task(cfg, process_index: int = 0, process_count: int = 1, decode_train: bool = True,
+               decode_eval: bool = True) -> Task:
   """Reads config.data (source, root, task, protocol, image_size, ...) into a Task.
 
   The train split is held whole by every process; the eval split is decoded per process,
-  examples process_index::process_count only.
+  examples process_index::process_count only. decode_train/decode_eval=False give that split
+  with its example count only (no images), where the source can count without decoding
+  (export and eval need the train count, not its images).
   """
   if cfg.source not in SOURCES:
     raise DataError(f"unknown config.data.source {cfg.source!r}; expected one of {', '.join(SOURCES)}")
@@ -50,6 +63,10 @@ def build_task(cfg, process_index: int = 0, process_count: int = 1) -> Task:
   train_name, eval_name = list(srcs)  # sources return (train, eval) in this order
   where = f"{cfg.source}:{cfg.task}"
   workers = max(1, int(cfg.num_workers))
-  train = _materialize(srcs[train_name], num_classes, 0, 1, cfg.image_size, workers, where)
-  ev = _materialize(srcs[eval_name], num_classes, process_index, process_count, cfg.image_size, workers, where)
+  train = None if decode_train else _counted(srcs[train_name], cfg.image_size)
+  if train is None:
+    train = _materialize(srcs[train_name], num_classes, 0, 1, cfg.image_size, workers, where)
+  ev = None if decode_eval else _counted(srcs[eval_name], cfg.image_size)
+  if ev is None:
+    ev = _materialize(srcs[eval_name], num_classes, process_index, process_count, cfg.image_size, workers, where)
   return Task(cfg.task, num_classes, train, {eval_name: ev})

@@ -16,6 +16,9 @@ SHOW = 5
 class SplitSource(Protocol):
   name: str
 
+  def count(self) -> int | None:
+    """The global example count without decoding anything, or None where it is unknown."""
+
   def load(self, shard_index: int, shard_count: int, size: int, num_workers: int
            ) -> tuple[np.ndarray, np.ndarray, int]:
     """-> (uint8 images, int32 labels) of examples shard_index::shard_count, and the global count."""
@@ -27,6 +30,9 @@ class FileSplit:
   name: str
   refs: list  # [images.ImageRef]
   labels: np.ndarray  # int32
+
+  def count(self) -> int:
+    return len(self.refs)
 
   def load(self, shard_index: int, shard_count: int, size: int, num_workers: int):
     refs = self.refs[shard_index::shard_count]
@@ -41,6 +47,9 @@ class ArraySplit:
   native: np.ndarray
   labels: np.ndarray
   convert: Callable | None = None
+
+  def count(self) -> int:
+    return len(self.labels)
 
   def load(self, shard_index: int, shard_count: int, size: int, num_workers: int):
     native = self.native[shard_index::shard_count]

@@ -77,6 +77,9 @@ class TfdsSplit:
       ds = ds.shard(shard_count, shard_index)
     return ds, (n if n >= 0 else None)
 
+  def count(self) -> int | None:
+    return self.dataset()[1]
+
   def examples(self, shard_index: int = 0, shard_count: int = 1):
     """Yields (native uint8 image after the task's conversion, label) in a fixed order."""
     tfds = _tfds()
