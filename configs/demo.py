@@ -9,8 +9,10 @@ Model: a small ViT ("mini/4") with a randomly initialised backbone (no public ch
 is reachable offline; the run warns about it), K=4 DMLoRA branches of rank 4 on all six
 projections, branch-drop probability linear 0 -> 0.5, 2S-LS stage.
 It goes through both stages, writes checkpoints, merges, exports merged.npz and evaluates
-it. Measured (2026-11-27, 2-core AMD EPYC VM, load average ~1.6): 70 s wall, 460 steps
-(400 stage 1 + 60 stage 2), test top-1 81.9% on the 797 held-out digits (chance 10%).
+it. Measured (2026-11-27, 2-core AMD EPYC VM, load average ~0.8-1.5): 57 s wall, 460 steps
+(400 stage 1 + 60 stage 2), test top-1 81.05% on the 797 held-out digits (chance 10%); the
+same number on every run of this code (before the attention VJP of benchmarks/README.md,
+whose float rounding differs: 81.93%).
 """
 
 from dmlora_jax import config_base
