@@ -61,8 +61,8 @@ def wanted(environ=None) -> bool:
   platforms = env.get("JAX_PLATFORMS", "")
   if platforms and not platforms.split(",")[0].strip().startswith("cpu"):
     return False
-  if glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*"):
-    return False
+  if any(glob.glob(p) for p in ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")):
+    return False  # GPU; TPU (v4/v5e expose /dev/accel*, newer TPU VMs /dev/vfio/N)
   return _thp_mode() == "madvise" and _glibc_at_least(2, 35)
 
 
