@@ -216,4 +216,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from dmlora_jax import hostmem
+  hostmem.reexec_with_hugepages()  # XLA CPU: malloc huge pages (dmlora_jax/hostmem.py)
   main()
