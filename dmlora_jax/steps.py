@@ -156,11 +156,14 @@ def replicate(tree: Any, devices=None) -> Any:
   return jax.device_put(stacked, local_sharding(devices))
 
 
+def first_device(x) -> np.ndarray:
+  """The first local device's entry of an array with a leading local-device axis, on the host."""
+  return np.array(x[0]) if isinstance(x, np.ndarray) else np.asarray(x.addressable_data(0))[0]
+
+
 def unreplicate(tree: Any) -> Any:
   """The first local device's copy of a replicated tree, as host numpy arrays."""
-  def first(x):
-    return np.array(x[0]) if isinstance(x, np.ndarray) else np.asarray(x.addressable_data(0))[0]
-  return jax.tree.map(first, tree)
+  return jax.tree.map(first_device, tree)
 
 
 def shard_batch(batch: dict, num_devices: int) -> dict:

@@ -228,8 +228,8 @@ class Run:
       correct = total = 0.0
       for b in data.eval_batches(split, self.config.batch_size, jax.process_index(), jax.process_count()):
         c, n = ev(state_dev, steps.shard_batch(b, self.n_local))
-        correct += float(np.asarray(c.addressable_data(0))[0])
-        total += float(np.asarray(n.addressable_data(0))[0])
+        correct += float(steps.first_device(c))
+        total += float(steps.first_device(n))
       if int(total) != split.num_examples_global:
         raise RuntimeError(f"evaluation of {name} covered {int(total)} of {split.num_examples_global} examples")
       out[name] = correct / total
@@ -272,7 +272,7 @@ class Run:
           state_dev, metrics = step_fn(state_dev, batch, key)
           step += 1
           if step % c.log_every == 0 or step == stage_end:
-            m = {k: float(np.asarray(v.addressable_data(0))[0]) for k, v in metrics.items() if k != "masks"}
+            m = {k: float(steps.first_device(v)) for k, v in metrics.items() if k != "masks"}
             stage_step = step - (0 if stage == 1 else plan.stage1_steps)
             m["lr"] = float(lr_fn(stage_step - 1))
             m["images_per_s"] = progress.update(step, stage, m)
