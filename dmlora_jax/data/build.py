@@ -31,13 +31,13 @@ def _materialize(source, num_classes: int, shard_index: int, shard_count: int, s
   return Split(source.name, imgs, labels.astype(np.int32), int(n_global), shard_index, shard_count)
 
 
-def _counted(source, size: int) -> Split | None:
+def _counted(source, size: int, where: str) -> Split | None:
   """A split with its global count and no examples (nothing decoded); None if uncountable."""
   n = source.count()
   if n is None:
     return None
   if n == 0:
-    raise DataError(f"split {source.name} is empty")
+    raise DataError(f"{where}: split {source.name} is empty")
   return Split(source.name, np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int32), int(n))
 
 
@@ -63,10 +63,13 @@ def build_task(cfg, process_index: int = 0, process_count: int = 1, decode_train
   train_name, eval_name = list(srcs)  # sources return (train, eval) in this order
   where = f"{cfg.source}:{cfg.task}"
   workers = max(1, int(cfg.num_workers))
-  train = None if decode_train else _counted(srcs[train_name], cfg.image_size)
-  if train is None:
-    train = _materialize(srcs[train_name], num_classes, 0, 1, cfg.image_size, workers, where)
-  ev = None if decode_eval else _counted(srcs[eval_name], cfg.image_size)
-  if ev is None:
-    ev = _materialize(srcs[eval_name], num_classes, process_index, process_count, cfg.image_size, workers, where)
+
+  def split(source, shard_index: int, shard_count: int, decode: bool) -> Split:
+    counted = None if decode else _counted(source, cfg.image_size, where)
+    if counted is not None:
+      return counted
+    return _materialize(source, num_classes, shard_index, shard_count, cfg.image_size, workers, where)
+
+  train = split(srcs[train_name], 0, 1, decode_train)
+  ev = split(srcs[eval_name], process_index, process_count, decode_eval)
   return Task(cfg.task, num_classes, train, {eval_name: ev})
