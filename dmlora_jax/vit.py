@@ -16,8 +16,9 @@ ViT (no adapter code runs), which is what a merged export is run with.
 
 The computation is laid out for speed on XLA (CPU in particular): the patch embedding is
 a reshape + matmul, q/k/v are one fused matmul, attention runs as batched matmuls over
-(batch*heads, tokens, head_dim) with the 1/sqrt(head_dim) scale on q, and the tanh GELU has a
-custom VJP that keeps only its input for the backward pass (benchmarks/README.md).
+(batch*heads, tokens, head_dim) with the 1/sqrt(head_dim) scale on q, the tanh GELU has a
+custom VJP that keeps only its input for the backward pass, and the encoder blocks' LayerNorm
+affines are folded into the weights of the projections that follow (benchmarks/README.md).
 """
 
 import dataclasses
@@ -194,17 +195,45 @@ def _dense(x, proj, mask, dtype):
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm in float32 with the checkpoint's eps; the names are scale and bias."""
+  """LayerNorm in float32 with the checkpoint's eps; the names are scale and bias.
+
+  With affine=False it returns (x_hat, (scale, bias)): the normalised input and the affine
+  left unapplied, for the projections that read it to fold in (`fold_affine`).
+  """
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, affine: bool = True):
     d = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (d,))
     bias = self.param("bias", nn.initializers.zeros, (d,))
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return (x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + bias
+    x_hat = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
+    if not affine:
+      return x_hat, (scale, bias)
+    return x_hat * scale + bias
+
+
+def fold_affine(proj, scale_bias, mask):
+  """A projection of (x_hat * scale + bias) rewritten as a projection of x_hat.
+
+  x W + b with x = x_hat * g + beta is x_hat (g[:, None] W) + (beta W + b), and an adapter's
+  x A m B is x_hat (g[:, None] A) m B + beta A m B. The rewrite costs weight-sized work
+  instead of activation-sized: applied to the (B, T, D) activation, XLA CPU wrote g and beta
+  out at activation shape for its fused kernels, forward and backward (benchmarks/README.md).
+  """
+  if scale_bias is None:
+    return proj
+  kernel, bias, lora = proj
+  g, beta = scale_bias
+  bias = bias + beta @ kernel
+  kernel = g[:, None] * kernel
+  if lora is not None:
+    a, b, s = lora
+    bias = bias + dmlora.lora_delta(beta[None], a, b, s, mask_K=mask)[0]
+    lora = (a * g[None, :, None], b, s)
+  return kernel, bias, lora
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -212,13 +241,14 @@ class MultiHeadDotProductAttention(nn.Module):
   adapter: dmlora.AdapterSpec | None
 
   @nn.compact
-  def __call__(self, x_BxTxD, masks):
+  def __call__(self, x_BxTxD, masks, ln_affine=None):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, t, d = x_BxTxD.shape
     h, dh = c.num_heads, c.head_dim
     projs = {}
     for name in ("query", "key", "value"):
-      projs[name] = Projection((d,), (h, dh), _adapter_for(self.adapter, name), name=name)()
+      proj = Projection((d,), (h, dh), _adapter_for(self.adapter, name), name=name)()
+      projs[name] = fold_affine(proj, ln_affine, _mask_for(self.adapter, masks, name))
     projs["out"] = Projection((h, dh), (d,), _adapter_for(self.adapter, "out"), name="out")()
 
     # One fused matmul for the frozen q/k/v kernels; the adapters add their low-rank parts.
@@ -250,11 +280,12 @@ class MlpBlock(nn.Module):
   adapter: dmlora.AdapterSpec | None
 
   @nn.compact
-  def __call__(self, x_BxTxD, masks):
+  def __call__(self, x_BxTxD, masks, ln_affine=None):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     d = x_BxTxD.shape[-1]
 
     p0 = Projection((d,), (c.mlp_dim,), _adapter_for(self.adapter, "Dense_0"), name="Dense_0")()
+    p0 = fold_affine(p0, ln_affine, _mask_for(self.adapter, masks, "Dense_0"))
     p1 = Projection((c.mlp_dim,), (d,), _adapter_for(self.adapter, "Dense_1"), name="Dense_1")()
     y = _gelu(c.gelu_approximate)(_dense(x_BxTxD, p0, _mask_for(self.adapter, masks, "Dense_0"), dt))
     return _dense(y, p1, _mask_for(self.adapter, masks, "Dense_1"), dt)
@@ -267,11 +298,12 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, masks):
-    y = LayerNorm(name="LayerNorm_0")(x)
-    y = MultiHeadDotProductAttention(self.cfg, self.adapter, name="MultiHeadDotProductAttention_1")(y, masks)
+    # The LayerNorms' scale and bias are folded into the projections that read them.
+    y, affine = LayerNorm(name="LayerNorm_0")(x, affine=False)
+    y = MultiHeadDotProductAttention(self.cfg, self.adapter, name="MultiHeadDotProductAttention_1")(y, masks, affine)
     x = x + self._drop_path(y.astype(x.dtype))
-    y = LayerNorm(name="LayerNorm_2")(x)
-    y = MlpBlock(self.cfg, self.adapter, name="MlpBlock_3")(y, masks)
+    y, affine = LayerNorm(name="LayerNorm_2")(x, affine=False)
+    y = MlpBlock(self.cfg, self.adapter, name="MlpBlock_3")(y, masks, affine)
     return x + self._drop_path(y.astype(x.dtype))
 
   def _drop_path(self, y_BxTxD):

@@ -218,3 +218,36 @@ def test_drop_path_acts_in_training_only_and_follows_its_rng():
   assert np.abs(np.asarray(a) - np.asarray(plain)).max() > 1e-3
   with pytest.raises(ValueError, match="model.drop_path"):
     vit.parse_variant("tiny/4", 5, drop_path=1.0)
+
+
+def test_folded_layernorm_affine_matches_applying_it_values_and_gradients():
+  # The encoder blocks fold each LayerNorm's scale and bias into the projection that reads
+  # it (vit.fold_affine). Value and every gradient (x_hat, scale, bias, kernel, bias, A, B,
+  # alpha) must equal those of the projection of x_hat * scale + bias, with a branch mask.
+  ks = jax.random.split(jax.random.key(3), 9)
+  k_br, d_in, r, d_out = 3, 6, 2, 5
+  x_hat = jax.random.normal(ks[0], (4, 7, d_in))
+  args = (jax.random.normal(ks[1], (d_in,)) + 1.0, jax.random.normal(ks[2], (d_in,)),  # g, beta
+          jax.random.normal(ks[3], (d_in, d_out)), jax.random.normal(ks[4], (d_out,)),  # W, b
+          jax.random.normal(ks[5], (k_br, d_in, r)), jax.random.normal(ks[6], (k_br, r, d_out)),
+          jnp.asarray(3.0))
+  mask = jnp.asarray([1.0, 0.0, 2.0])
+  g_out = jax.random.normal(ks[7], (4, 7, d_out))
+
+  def applied(x_hat, g, beta, w, b, a, bb, s):
+    x = x_hat * g + beta
+    return x @ w + b + dmlora.lora_delta(x, a, bb, s, mask_K=mask)
+
+  def folded(x_hat, g, beta, w, b, a, bb, s):
+    w2, b2, (a2, bb2, s2) = vit.fold_affine((w, b, (a, bb, s)), (g, beta), mask)
+    return x_hat @ w2 + b2 + dmlora.lora_delta(x_hat, a2, bb2, s2, mask_K=mask)
+
+  np.testing.assert_allclose(folded(x_hat, *args), applied(x_hat, *args), rtol=1e-5, atol=1e-5)
+  want = jax.vjp(applied, x_hat, *args)[1](g_out)
+  got = jax.vjp(folded, x_hat, *args)[1](g_out)
+  names = ("x_hat", "scale", "bias", "kernel", "proj_bias", "lora_a", "lora_b", "lora_scale")
+  for name, a, b in zip(names, got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()), err_msg=name)
+  # Without an affine the projection is returned as it is.
+  proj = (args[2], args[3], None)
+  assert vit.fold_affine(proj, None, None) is proj
