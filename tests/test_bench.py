@@ -22,6 +22,8 @@ def test_bench_json_has_every_field_with_sane_values(tmp_path):
       assert isinstance(m[f], (int, float)) and math.isfinite(m[f]) and m[f] > 0, (name, f, m[f])
     assert isinstance(m["trainable_params"], int) and isinstance(m["total_params"], int)
     assert len(m["train_step_times_s"]) == 2
+    faults = m["train_step_minor_faults"]
+    assert len(faults) == 2 and all(isinstance(f, int) and f >= 0 for f in faults), (name, faults)
     assert m["achieved_flops_per_s"] == m["step_flops"] / m["train_step_s"]
   assert rows["full"]["trainable_params"] == rows["full"]["total_params"]
   for name in ("linear", "lora", "dmlora"):
