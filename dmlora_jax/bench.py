@@ -159,18 +159,17 @@ class Row:
     self.eval_c = steps.pmap_eval_step(steps.make_eval_step(model, "imagenet")).lower(
         self.state, self.eval_batch).compile()
     self.i, self.train_times, self.eval_times, self.train_faults = 0, [], [], []
-    self.last_faults = 0
 
-  def train_step(self) -> float:
-    """One train step's wall time; its minor page faults (whole process) go to last_faults."""
+  def train_step(self) -> tuple[float, int]:
+    """One train step: (wall seconds, minor page faults of the whole process meanwhile)."""
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()
     self.state, m = self.train_c(self.state, self.batch, jax.random.fold_in(self.base_key, self.i))
     jax.block_until_ready(m["loss"])
     dt = time.perf_counter() - t
-    self.last_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     self.i += 1
-    return dt
+    return dt, faults
 
   def eval_step(self) -> float:
     t = time.perf_counter()
@@ -208,8 +207,9 @@ def measure_rows(a: argparse.Namespace, specs: list[tuple]) -> tuple[dict[str, d
       row.train_step(), row.eval_step()
   for _ in range(a.steps):
     for row in rows.values():
-      row.train_times.append(row.train_step())
-      row.train_faults.append(row.last_faults)
+      dt, faults = row.train_step()
+      row.train_times.append(dt)
+      row.train_faults.append(faults)
     mm.times.append(mm.step())
   for _ in range(a.eval_steps):
     for row in rows.values():
