@@ -246,10 +246,11 @@ class MultiHeadDotProductAttention(nn.Module):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, t, d = x_BxTxD.shape
     h, dh = c.num_heads, c.head_dim
+    mask = {n: _mask_for(self.adapter, masks, n) for n in ("query", "key", "value", "out")}
     projs = {}
     for name in ("query", "key", "value"):
       proj = Projection((d,), (h, dh), _adapter_for(self.adapter, name), name=name)()
-      projs[name] = fold_affine(proj, ln_affine, _mask_for(self.adapter, masks, name))
+      projs[name] = fold_affine(proj, ln_affine, mask[name])
     projs["out"] = Projection((h, dh), (d,), _adapter_for(self.adapter, "out"), name="out")()
 
     # One fused matmul for the frozen q/k/v kernels; the adapters add their low-rank parts.
@@ -261,7 +262,7 @@ class MultiHeadDotProductAttention(nn.Module):
     for i, name in enumerate(("query", "key", "value")):
       lora = projs[name][2]
       if lora is not None:
-        qkv[i] = qkv[i] + dmlora.lora_delta(x_BxTxD, *lora, mask_K=_mask_for(self.adapter, masks, name), dtype=dt)
+        qkv[i] = qkv[i] + dmlora.lora_delta(x_BxTxD, *lora, mask_K=mask[name], dtype=dt)
 
     def heads(y):  # (B, T, H*Dh) -> (B*H, T, Dh)
       return y.reshape(b, t, h, dh).transpose(0, 2, 1, 3).reshape(b * h, t, dh)
@@ -272,7 +273,7 @@ class MultiHeadDotProductAttention(nn.Module):
     q = q * jnp.asarray(1.0 / math.sqrt(dh), dt)
     o = attention(q, k, v)
     o = o.reshape(b, h, t, dh).transpose(0, 2, 1, 3).reshape(b, t, h * dh)
-    return _dense(o, projs["out"], _mask_for(self.adapter, masks, "out"), dt)
+    return _dense(o, projs["out"], mask["out"], dt)
 
 
 
@@ -285,10 +286,11 @@ class MlpBlock(nn.Module):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     d = x_BxTxD.shape[-1]
 
+    mask0 = _mask_for(self.adapter, masks, "Dense_0")
     p0 = Projection((d,), (c.mlp_dim,), _adapter_for(self.adapter, "Dense_0"), name="Dense_0")()
-    p0 = fold_affine(p0, ln_affine, _mask_for(self.adapter, masks, "Dense_0"))
+    p0 = fold_affine(p0, ln_affine, mask0)
     p1 = Projection((c.mlp_dim,), (d,), _adapter_for(self.adapter, "Dense_1"), name="Dense_1")()
-    y = _gelu(c.gelu_approximate)(_dense(x_BxTxD, p0, _mask_for(self.adapter, masks, "Dense_0"), dt))
+    y = _gelu(c.gelu_approximate)(_dense(x_BxTxD, p0, mask0, dt))
     return _dense(y, p1, _mask_for(self.adapter, masks, "Dense_1"), dt)
 
 
