@@ -3,6 +3,8 @@
 The step is a traced value everywhere, so a new step never recompiles.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -38,32 +40,51 @@ def drop_probability(step, total_steps: int, schedule: str, p_start: float, p_en
   return p_start + (p_end - p_start) * frac
 
 
-def branch_masks(key: jax.Array, p, shape: tuple[int, ...], min_active: int = 1,
-                 rescale: bool = True) -> jax.Array:
-  """Keep multipliers of shape (..., K): independent Bernoulli(1 - p) draws per module.
+def keep_probability(p, num_branches: int, min_active: int) -> jax.Array:
+  """q = P(a given branch is kept) under independent Bernoulli(1 - p) keeps with at least
+  `min_active` of the K branches forced on.
 
-  At least `min_active` branches of every module are kept: those with the largest uniform
-  draws, so the forced ones are a uniformly random choice. Kept branches are multiplied
-  by 1 / (1 - p) when `rescale` (inverted dropout), else by 1; dropped ones by 0.
-
-  Why evaluation uses all branches with no rescale: with rescale, E[m_k] = (1-p)/(1-p) = 1
-  whenever min_active does not bind, and the branch sum is linear in m, so the expected
-  training output of a layer is exactly the all-branch output, which is what evaluation
-  computes and what the merge W + (alpha_l / r) sum_k B_k A_k folds into the weights.
-  (min_active can only raise a branch's keep rate, a small bias that vanishes for p -> 0.)
-  Without rescale, training sees (1-p) of the full update in expectation, and the learned
-  scales absorb that in stage 2 (which trains with all branches).
+  The forcing keeps max(N, m) branches, N ~ Binomial(K, 1 - p), m = min_active, so by
+  symmetry q = E[max(N, m)] / K = (1 - p) + (1/K) sum_{n<m} (m - n) C(K, n) (1-p)^n p^(K-n).
+  Written as (1 - p) plus the forcing's correction, which is accurate in float32 when the
+  correction is tiny.
   """
-  k = shape[-1]
+  k, m = num_branches, min_active
+  p = jnp.asarray(p, jnp.float32)
+  q = 1.0 - p
+  for n in range(min(m, k + 1)):
+    q = q + (m - n) * math.comb(k, n) * (1.0 - p) ** n * p ** (k - n) / k
+  return q
+
+
+def masks_from_uniform(u: jax.Array, p, min_active: int = 1, rescale: bool = True) -> jax.Array:
+  """Keep multipliers (..., K) from uniform draws u (..., K): branch k is kept when u_k >= p,
+  and the `min_active` largest draws of every module are kept whatever p (the forced ones
+  are thus a uniformly random choice among the dropped). Kept branches are multiplied by
+  1 / q with q = keep_probability(p, K, min_active) when `rescale`, else by 1; dropped ones by 0.
+
+  Unbiased: E[m_k] = q * (1 / q) = 1 exactly, for every p, K and min_active (dividing by
+  1 - p instead would give (1 - p + p^K / K) / (1 - p) at min_active = 1: 1.03 at p = 0.5,
+  K = 4). The branch sum is linear in m, so the expected training output of a layer is the
+  all-branch output, which is what evaluation and the merge W + (alpha_l / r) sum_k B_k A_k
+  compute. Without rescale, training sees q of the full update in expectation.
+  """
+  k = u.shape[-1]
   if not 0 <= min_active <= k:
     raise ValueError(f"dmlora.min_active must be in [0, num_branches={k}], got {min_active}")
   p = jnp.asarray(p, jnp.float32)
-  u = jax.random.uniform(key, shape)
   keep = u >= p
   if min_active > 0:
     # Rank of each branch's draw within its module, 0 for the largest draw.
     order = jnp.argsort(-u, axis=-1)
     rank = jnp.argsort(order, axis=-1)
     keep = keep | (rank < min_active)
-  scale = 1.0 / (1.0 - p) if rescale else jnp.float32(1.0)
+  scale = 1.0 / keep_probability(p, k, min_active) if rescale else jnp.float32(1.0)
   return keep.astype(jnp.float32) * scale
+
+
+def branch_masks(key: jax.Array, p, shape: tuple[int, ...], min_active: int = 1,
+                 rescale: bool = True) -> jax.Array:
+  """Keep multipliers of shape (..., K): independent draws per module and branch, see
+  `masks_from_uniform`."""
+  return masks_from_uniform(jax.random.uniform(key, shape), p, min_active, rescale)

@@ -1,5 +1,6 @@
 """Drop schedules p(t) and branch masks."""
 
+import itertools
 import math
 
 import jax
@@ -81,3 +82,55 @@ def test_masks_differ_by_key_and_repeat_for_same_key():
   c = schedules.branch_masks(jax.random.key(5), 0.5, (12, 3, 4))
   np.testing.assert_array_equal(a, b)
   assert np.any(np.asarray(a) != np.asarray(c))
+
+
+def _enumerate_outcomes(k: int, p: float, min_active: int):
+  """Every outcome of the mask draw with its probability, as uniform draws that produce it.
+
+  An outcome is the Bernoulli(1 - p) keep pattern b (2^K of them, probability
+  (1-p)^N p^(K-N), N kept) and, when N < min_active, which min_active - N of the dropped
+  branches the forcing turns back on: the dropped draws are i.i.d. below p, so that choice
+  is uniform over the C(K - N, min_active - N) subsets. Draws: kept ones in [p, 1), forced
+  ones just below p, the other dropped ones further below.
+  """
+  draws, weights = [], []
+  for bits in itertools.product((0, 1), repeat=k):
+    n = sum(bits)
+    prob = (1 - p) ** n * p ** (k - n)
+    if prob == 0.0:
+      continue
+    dropped = [i for i in range(k) if not bits[i]]
+    need = max(min_active - n, 0)
+    subsets = list(itertools.combinations(dropped, need))
+    for forced in subsets:
+      u = [p + (1 - p) * (0.3 + 0.05 * i) if bits[i] else p * ((0.9 if i in forced else 0.4) - 0.02 * i)
+           for i in range(k)]
+      draws.append(u)
+      weights.append(prob / len(subsets))
+  return np.asarray(draws, np.float32), np.asarray(weights, np.float64)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.5, 0.75, 0.9])
+@pytest.mark.parametrize("min_active", [0, 1, 2])
+def test_rescaled_masks_are_unbiased_by_exact_enumeration(k, p, min_active):
+  if min_active > k:
+    with pytest.raises(ValueError, match="min_active"):
+      schedules.masks_from_uniform(jnp.zeros((1, k)), p, min_active)
+    return
+  u, w = _enumerate_outcomes(k, p, min_active)
+  assert w.sum() == pytest.approx(1.0, abs=1e-12)
+  m = np.asarray(schedules.masks_from_uniform(jnp.asarray(u), p, min_active, rescale=True), np.float64)
+  kept = (m > 0).astype(np.float64)
+  assert np.all(kept.sum(-1) >= min_active)  # every outcome honours min_active
+  np.testing.assert_allclose(w @ m, np.ones(k), atol=2e-6)  # E[m_k] = 1 for every branch
+  # The keep probability used for the rescale is the enumerated one.
+  np.testing.assert_allclose(w @ kept, float(schedules.keep_probability(p, k, min_active)), atol=1e-6)
+
+
+def test_dividing_by_one_minus_p_would_be_biased_where_min_active_binds():
+  # The issue's numbers: (1 - p + p^K / K) / (1 - p) at min_active = 1.
+  for p, want in ((0.5, 1.03125), (0.75, 1.31640625)):
+    u, w = _enumerate_outcomes(4, p, 1)
+    kept = np.asarray(schedules.masks_from_uniform(jnp.asarray(u), p, 1, rescale=False), np.float64)
+    assert w @ kept[:, 0] / (1 - p) == pytest.approx(want, rel=1e-6)
