@@ -141,7 +141,8 @@ class Row:
       mask_shape = (model.cfg.depth, len(adapter.targets), adapter.num_branches)
     drop = 0.25 if method == "dmlora" else 0.0  # the cost of a step does not depend on p
     sc = steps.StepConfig(method=method, stage=1, normalization="imagenet", stage1_steps=1000,
-                          drop_schedule="constant", drop_start=drop, drop_end=drop, mask_shape=mask_shape)
+                          drop_schedule="constant", drop_start=drop, drop_end=drop, mask_shape=mask_shape,
+                          targets=tuple(adapter.targets) if adapter else ())
     train = steps.pmap_train_step(steps.make_train_step(model, tx, sc))
     self.state = steps.replicate(steps.TrainState(step=np.int32(0), trainable=trainable, frozen=frozen,
                                                   opt_state=jax.tree.map(np.asarray, tx.init(trainable))))

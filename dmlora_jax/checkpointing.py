@@ -6,6 +6,7 @@ counts a finished step with missing files as the latest and raises on restore) i
 aside to `checkpoints_damaged/` (never deleted) and the previous one is used.
 """
 
+import logging as std_logging
 import os
 import shutil
 from typing import Any, Callable
@@ -25,15 +26,25 @@ class ResumeError(RuntimeError):
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, keep: int = 3):
+  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.damaged_dir = os.path.abspath(os.path.join(workdir, "checkpoints_damaged"))
-    self.keep = keep
+    self.keep, self.read_only = keep, read_only
     self._open()
 
   def _open(self):
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
+    # A read-only manager logs three warnings about the options it ignores; they say nothing
+    # to a user who only reads another run's checkpoint.
+    absl_logger = logging.get_absl_logger()
+    level = absl_logger.level
+    if self.read_only:
+      absl_logger.setLevel(std_logging.ERROR)  # a Python level (absl's own ERROR is -2)
+    try:
+      options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=not self.read_only,
+                                             read_only=self.read_only)
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
+    finally:
+      absl_logger.setLevel(level)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -55,11 +66,7 @@ class Checkpointer:
     into (its structure depends on the stage). Returns (tree, meta) or None if none exists."""
     for step in reversed(self.all_steps()):
       try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        target = target_for_meta(meta)
-        abstract = jax.tree.map(np.asarray, serialization.to_state_dict(target))
-        got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        return serialization.from_state_dict(target, got["state"]), meta
+        return self.restore(step, target_for_meta)
       except ResumeError:
         raise
       except Exception as e:  # orbax raises many types for missing/corrupt files
@@ -70,6 +77,14 @@ class Checkpointer:
               "resuming from the previous one")
         self._move_aside(step)
     return None
+
+  def restore(self, step: int, target_for_meta: Callable[[dict], Any]) -> tuple[Any, dict]:
+    """(tree, meta) of one step; target_for_meta(meta) may raise ResumeError to refuse it."""
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    target = target_for_meta(meta)
+    abstract = jax.tree.map(np.asarray, serialization.to_state_dict(target))
+    got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    return serialization.from_state_dict(target, got["state"]), meta
 
   def _move_aside(self, step: int):
     if jax.process_index() == 0:

@@ -64,8 +64,15 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.stage2 = ml_collections.ConfigDict()
   c.stage2.epochs = 10  # 0 disables 2S-LS
-  c.stage2.lr_ratio = 0.1
+  # Adam lr on log alpha_l: a relative change of the scales per step (not a weight lr, so
+  # not tied to stage1.lr); choose it on val200 (the sweep's --stage2_lrs).
+  c.stage2.lr = 1e-2
+  c.stage2.granularity = "module"  # module: one alpha_l per adapted projection | block: one per block
   c.stage2.train_head = False
+  c.stage2.head_lr_ratio = 0.1  # with train_head: the head's stage-2 lr = stage1.lr * this
+  # A workdir whose checkpoint at the end of stage 1 starts this run (its stage 1 must be
+  # this config's: checked). Tunes stage 2 without retraining stage 1.
+  c.stage2.init_from = ""
   return c
 
 

@@ -2,7 +2,7 @@
 
     W' = W + (alpha_l / r) * sum_k A_k B_k      (x W convention; B_k A_k in torch's W x)
 
-computed in float32 whatever the storage dtype, then cast back to the kernel's dtype and
+with alpha_l = exp(lora_log_scale), computed in float32 whatever the storage dtype, then cast back to the kernel's dtype and
 reshaped to its checkpoint shape. The result has exactly the names and shapes of a public
 ViT checkpoint and runs in the plain model with no adapter code.
 """
@@ -38,7 +38,7 @@ def merge_params(params: Params) -> dict:
   for module in adapted_modules(params):
     kernel = flat[f"{module}/kernel"]
     a = flat[f"{module}/{dmlora.LORA_A}"]
-    delta = dmlora.delta_kernel(a, flat[f"{module}/{dmlora.LORA_B}"], flat[f"{module}/{dmlora.LORA_SCALE}"])
+    delta = dmlora.delta_kernel(a, flat[f"{module}/{dmlora.LORA_B}"], flat[f"{module}/{dmlora.LORA_LOG_SCALE}"])
     merged = kernel.astype(jnp.float32).reshape(delta.shape) + delta
     out[f"{module}/kernel"] = merged.reshape(kernel.shape).astype(kernel.dtype)
   return unflatten(out)

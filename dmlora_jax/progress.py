@@ -75,9 +75,12 @@ def print_summary(results: dict):
       ("wall time", _fmt_time(results["wall_time_s"])),
       ("merged export", results["merged_npz"]),
   ]
-  if results.get("scales"):
-    v = list(results["scales"].values())
-    rows.append(("learned scales (min / mean / max)", f"{min(v):.3f} / {sum(v) / len(v):.3f} / {max(v):.3f}"))
+  spread = results.get("scale_spread")
+  if spread:
+    rows.append(("alpha_l (min / max, std of log)", f"{spread['min']:.4g} / {spread['max']:.4g}, {spread['std_log']:.3g}"))
+  curve = results.get("stage2_loss")
+  if curve:
+    rows.append(("stage-2 loss (first / last logged)", f"{curve[0][1]:.4f} / {curve[-1][1]:.4f}"))
   w = max(len(r[0]) for r in rows)
   line = "-" * (w + 3 + max(len(r[1]) for r in rows))
   print("\n" + line)

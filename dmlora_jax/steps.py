@@ -8,6 +8,8 @@ The train step is a pure function `(state, batch, step_key) -> (state, metrics)`
 - p(t) is computed from `state.step` inside the compiled function: no recompilation.
 - Gradients are taken w.r.t. the leaves trained in this stage only, so the frozen weights'
   gradients are never computed (XLA sees no use for them), and averaged across devices.
+- The same masks reach the optimizer (`dmlora.branch_keep` -> `optim.masked_adamw`): a dropped
+  branch's lora_a, lora_b, Adam moments and step count leave the step bit-identical.
 """
 
 import dataclasses
@@ -20,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dmlora_jax import partition, schedules
+from dmlora_jax import dmlora, optim, partition, schedules
 from dmlora_jax.data import normalize
 
 AXIS = "batch"
@@ -47,7 +49,13 @@ class StepConfig:
   min_active: int = 1
   rescale: bool = True
   mask_shape: tuple[int, ...] | None = None  # (depth, num_targets, K); None = no adapter
+  targets: tuple[str, ...] = ()  # the adapted projections, in the order of the masks' axis 1
   stage2_train_head: bool = False
+
+  def __post_init__(self):
+    if self.mask_shape is not None and len(self.targets) != self.mask_shape[1]:
+      raise ValueError(f"StepConfig: mask_shape {self.mask_shape} has {self.mask_shape[1]} targets, but targets "
+                       f"names {len(self.targets)}: {self.targets}")
 
   @property
   def uses_masks(self) -> bool:
@@ -69,6 +77,7 @@ def device_key(step_key: jax.Array, axis_name: str = AXIS) -> jax.Array:
 def make_train_step(model, tx: optax.GradientTransformation, sc: StepConfig, axis_name: str = AXIS) -> Callable:
   """The per-device step; run it under pmap or shard_map with `axis_name`."""
   trained = partition.trained_labels(sc.method, sc.stage, sc.stage2_train_head)
+  tx = optax.with_extra_args_support(tx)  # a plain optax optimizer ignores the keep= flags
 
   def step_fn(state: TrainState, batch: dict, step_key: jax.Array):
     diff, held = partition.split(state.trainable, trained)
@@ -94,9 +103,12 @@ def make_train_step(model, tx: optax.GradientTransformation, sc: StepConfig, axi
     # multi_transform wants the whole owned tree; the held leaves get zero updates and
     # are not touched below, so they stay bit-identical.
     full_grads = partition.join(jax.tree.map(jnp.zeros_like, held), grads)
-    updates, opt_state = tx.update(full_grads, state.opt_state, state.trainable)
+    keep = dmlora.branch_keep(state.trainable, masks, sc.targets)
+    extra = {} if keep is None else {"keep": keep}
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.trainable, **extra)
     upd_diff, _ = partition.split(updates, trained)
-    trainable = partition.join(held, optax.apply_updates(diff, upd_diff))
+    keep_diff = None if keep is None else partition.split(keep, trained)[0]
+    trainable = partition.join(held, optim.apply_kept_updates(diff, upd_diff, keep_diff))
     metrics = {
         # The step's keep multipliers (device-invariant by construction; tests compare devices).
         "masks": masks if masks is not None else jnp.zeros((0,), jnp.float32),

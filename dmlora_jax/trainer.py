@@ -6,6 +6,7 @@ steps.py, partition.py, schedules.py and merge.py.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -103,6 +104,14 @@ class _Stop:
     logging.warning("Received signal %d: will checkpoint and stop", signum)
 
 
+def _check_stage2(config):
+  s2 = config.stage2
+  if s2.granularity not in ("module", "block"):
+    raise ConfigError(f"config.stage2.granularity must be 'module' or 'block', got {s2.granularity!r}")
+  if s2.epochs and config.method == "dmlora" and not s2.lr > 0:
+    raise ConfigError(f"config.stage2.lr must be > 0 (or stage2.epochs=0 to skip 2S-LS), got {s2.lr}")
+
+
 def _check_batch(config, n_local: int):
   n_dev = n_local * jax.process_count()
   if config.batch_size % n_dev:
@@ -119,6 +128,7 @@ class Run:
     self.devices = jax.local_devices()
     self.n_local = len(self.devices)
     _check_batch(config, self.n_local)
+    _check_stage2(config)
     self.adapter = adapter_spec(config)
     self.task = data.build_task(config.data, jax.process_index(), jax.process_count(), decode_train, decode_eval)
     self.num_classes = self.task.num_classes
@@ -147,7 +157,8 @@ class Run:
                             stage1_steps=self.plan.stage1_steps, drop_schedule=d.drop_schedule,
                             drop_start=d.drop_start if drop else 0.0, drop_end=d.drop_end if drop else 0.0,
                             drop_steps=d.drop_steps, min_active=d.min_active, rescale=d.rescale,
-                            mask_shape=mask_shape, stage2_train_head=c.stage2.train_head)
+                            mask_shape=mask_shape, targets=tuple(self.adapter.targets) if self.adapter else (),
+                            stage2_train_head=c.stage2.train_head)
 
   def optimizer(self, stage: int):
     n = self.plan.stage1_steps if stage == 1 else self.plan.stage2_steps
@@ -174,7 +185,7 @@ class Run:
   def meta(self, step: int, stage: int) -> dict:
     return {"step": int(step), "stage": int(stage), "base_fingerprint": self.base_fingerprint,
             "method": self.config.method, "seed": int(self.config.seed),
-            "steps_per_epoch": self.plan.steps_per_epoch}
+            "steps_per_epoch": self.plan.steps_per_epoch, "stage1_config": stage1_fingerprint(self.config)}
 
   def save(self, state_dev, stage: int):
     host = steps.unreplicate(state_dev.replace(frozen=None))
@@ -183,31 +194,66 @@ class Run:
     logging.info("Saved checkpoint at step %d (stage %d)", step, stage)
     return step
 
-  def restore(self) -> tuple[steps.TrainState, int] | None:
+  def _target(self, directory: str):
+    """target_for_meta of Checkpointer.restore: refuses a checkpoint of another run."""
+
     def target(meta):
       if meta.get("base_fingerprint") != self.base_fingerprint:
-        raise ResumeError(f"{self.checkpointer.directory}: checkpoint {meta.get('step')} was trained from base "
+        raise ResumeError(f"{directory}: checkpoint {meta.get('step')} was trained from base "
                           f"weights {meta.get('base_fingerprint')}, but this config gives {self.base_fingerprint} "
                           "(different model.init_checkpoint or seed); use a new --workdir")
       if meta.get("method") != self.config.method:
-        raise ResumeError(f"{self.checkpointer.directory}: checkpoint is method={meta.get('method')}, config "
+        raise ResumeError(f"{directory}: checkpoint is method={meta.get('method')}, config "
                           f"says {self.config.method}; use a new --workdir")
       if meta.get("steps_per_epoch") != self.plan.steps_per_epoch:
-        raise ResumeError(f"{self.checkpointer.directory}: checkpoint {meta.get('step')} was written with "
+        raise ResumeError(f"{directory}: checkpoint {meta.get('step')} was written with "
                           f"{meta.get('steps_per_epoch')} steps per epoch, this config gives "
                           f"{self.plan.steps_per_epoch} (batch_size or data changed); resuming would not be "
                           "exact: use a new --workdir")
       s = self.host_state(meta["stage"])
       return {"trainable": s.trainable, "opt_state": s.opt_state}
 
-    got = self.checkpointer.restore_latest(target)
+    return target
+
+  def restore(self) -> tuple[steps.TrainState, int] | None:
+    got = self.checkpointer.restore_latest(self._target(self.checkpointer.directory))
     if got is None:
-      return None
+      if not self.config.stage2.init_from:
+        return None
+      got = self._stage1_from(self.config.stage2.init_from)
+    else:
+      say(f"Resumed from checkpoint step {got[1]['step']} (stage {got[1]['stage']}) in {self.checkpointer.directory}")
     tree, meta = got
     state = steps.TrainState(step=np.int32(meta["step"]), trainable=tree["trainable"], frozen=self.frozen,
                              opt_state=tree["opt_state"])
-    say(f"Resumed from checkpoint step {meta['step']} (stage {meta['stage']}) in {self.checkpointer.directory}")
     return state, meta["stage"]
+
+  def _stage1_from(self, source: str) -> tuple[dict, dict]:
+    """stage2.init_from: the end-of-stage-1 checkpoint of another run whose stage 1 is this
+    config's (same base weights, seed, data, method and every stage-1 setting)."""
+    step = self.plan.stage1_steps
+    where = f"config.stage2.init_from={source}"
+    if not os.path.isdir(os.path.join(source, "checkpoints")):
+      raise ResumeError(f"{where}: no checkpoints/ folder there")
+    src = Checkpointer(source, read_only=True)
+    try:
+      if step not in src.all_steps():
+        raise ResumeError(f"{where}: no checkpoint at step {step} (the end of stage 1) among {src.all_steps()}; "
+                          "the source run must have finished stage 1 and kept that checkpoint")
+      base_target = self._target(src.directory)
+      mine = stage1_fingerprint(self.config)
+
+      def target(meta):
+        if meta.get("stage1_config") != mine:
+          raise ResumeError(f"{where}: its stage 1 was run with another configuration (stage-1 fingerprint "
+                            f"{meta.get('stage1_config')}, this config {mine}): only stage2.* may differ")
+        return base_target(meta)
+
+      got = src.restore(step, target)
+    finally:
+      src.close()
+    say(f"Stage 1 taken from {source} (checkpoint {step}); training stage 2 only")
+    return got
 
   def batches(self, epoch: int, skip: int):
     """One epoch's batches from `skip` on, with a leading local-device axis. Run inside
@@ -262,8 +308,10 @@ class Run:
           state_dev = steps.replicate(self.host_state(2, trainable, step), self.devices)
           stage = 2
           self.save(state_dev, stage)
-          say(f"Stage 2 (2S-LS): learning {len(merge.adapted_modules(self.params))} per-layer scales at "
-              f"lr {c.stage1.lr * c.stage2.lr_ratio:g}")
+          n_mod = len(merge.adapted_modules(self.params))
+          n_free = n_mod if c.stage2.granularity == "module" else self.model.cfg.depth
+          say(f"Stage 2 (2S-LS): learning {n_free} scale(s) alpha_l (one per {c.stage2.granularity}, "
+              f"{n_mod} adapted modules) as log alpha_l at lr {c.stage2.lr:g}")
         step_fn, _, lr_fn = self.train_step(stage)
         stage_end = plan.stage1_steps if stage == 1 else plan.total
         epoch, skip = divmod(step, plan.steps_per_epoch)
@@ -306,8 +354,35 @@ def export_merged(params: dict, workdir: str) -> str:
 
 
 def learned_scales(params: dict) -> dict[str, float]:
+  """alpha_l of every adapted module (exp of its stored log-scale)."""
   flat = merge.flatten(params)
-  return {m: float(flat[f"{m}/{dmlora.LORA_SCALE}"]) for m in merge.adapted_modules(params)}
+  return {m: float(np.exp(flat[f"{m}/{dmlora.LORA_LOG_SCALE}"])) for m in merge.adapted_modules(params)}
+
+
+def scale_spread(scales: dict[str, float]) -> dict[str, float]:
+  """min, max and std of the learned alpha_l (std of log alpha_l: 0 when stage 2 moved nothing)."""
+  if not scales:
+    return {}
+  v = np.array(list(scales.values()), np.float64)
+  return {"min": float(v.min()), "max": float(v.max()), "std_log": float(np.log(v).std())}
+
+
+def stage_losses(workdir: str, stage: int) -> list[list[float]]:
+  """[[step, loss], ...] of one stage from metrics.jsonl (a resumed run re-logs some steps:
+  the last line of each step wins)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  by_step = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        m = json.loads(line)
+      except json.JSONDecodeError:  # a line cut short by a kill
+        continue
+      if m.get("stage") == stage:
+        by_step[m["step"]] = m["loss"]
+  return [[s, by_step[s]] for s in sorted(by_step)]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -329,6 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   params = run.final_params(state_dev)
   export = export_merged(params, workdir)
   owned_params = count(run.trainable)
+  scales = learned_scales(params)
   results = {
       "accuracy": acc,
       "method": config.method,
@@ -339,7 +415,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       "stage1_steps": plan.stage1_steps,
       "stage2_steps": plan.stage2_steps,
       "wall_time_s": time.time() - t0,
-      "scales": learned_scales(params),
+      "scales": scales,
+      "scale_spread": scale_spread(scales),
+      "stage2_loss": stage_losses(workdir, 2),
       "base_fingerprint": run.base_fingerprint,
       "merged_npz": export,
       "devices": f"{jax.process_count()}x{run.n_local} {jax.devices()[0].device_kind}",
@@ -357,6 +435,20 @@ def write_json_atomic(path: str, obj) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
+
+
+# Config keys that do not change what stage 1 computes (paths, logging, threads). The base
+# weights are compared by their fingerprint, not by model.init_checkpoint's path.
+STAGE1_IRRELEVANT = ("data.root", "data.tfds_data_dir", "data.num_workers", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "model.init_checkpoint")
+
+
+def stage1_fingerprint(config) -> str:
+  """A hash of every config value that stage 1 depends on: everything but stage2.* and
+  STAGE1_IRRELEVANT. Two runs with equal fingerprints train bit-identical stage 1s."""
+  flat = flatten_config(config)
+  used = {k: v for k, v in flat.items() if not k.startswith("stage2.") and k not in STAGE1_IRRELEVANT}
+  return hashlib.sha256(json.dumps(used, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def flatten_config(config) -> dict:

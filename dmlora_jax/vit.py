@@ -10,7 +10,7 @@ Names and shapes are those of the google-research/vision_transformer checkpoints
     Transformer/encoder_norm, [pre_logits], head.
 
 With an `AdapterSpec`, every targeted projection also holds the DMLoRA leaves
-`lora_a` (K, d_in, r), `lora_b` (K, r, d_out) and `lora_scale` (), in its matrix view;
+`lora_a` (K, d_in, r), `lora_b` (K, r, d_out) and `lora_log_scale` () = log alpha_l, in its matrix view;
 the stored kernels keep their checkpoint shapes. Without one, the same code is a plain
 ViT (no adapter code runs), which is what a merged export is run with.
 
@@ -152,7 +152,7 @@ class Projection(nn.Module):
   """Declares one projection's params (checkpoint shapes) and returns its matrix view.
 
   Returns (kernel (d_in, d_out), bias (d_out,), lora) where lora is None or the tuple
-  (lora_a, lora_b, lora_scale). The parent does the maths, so that projections that share
+  (lora_a, lora_b, lora_log_scale). The parent does the maths, so that projections that share
   an input can be fused into one matmul.
   """
   in_shape: tuple[int, ...]
@@ -171,7 +171,7 @@ class Projection(nn.Module):
       k, r = self.adapter.num_branches, self.adapter.rank
       a = self.param(dmlora.LORA_A, dmlora.lora_a_init(self.adapter.init), (k, d_in, r))
       b = self.param(dmlora.LORA_B, nn.initializers.zeros, (k, r, d_out))
-      s = self.param(dmlora.LORA_SCALE, nn.initializers.constant(self.adapter.alpha), ())
+      s = self.param(dmlora.LORA_LOG_SCALE, nn.initializers.constant(math.log(self.adapter.alpha)), ())
       lora = (a, b, s)
     return kernel.reshape(d_in, d_out), bias.reshape(d_out), lora
 

@@ -28,6 +28,10 @@ masks = []
 for i, b in enumerate(batches):
   state, m = fn(state, b, jax.random.fold_in(run.base_key, i))
   masks.append(np.asarray(m["masks"]))  # (devices, depth, targets, K)
+# Every device applied the same masked update: trained leaves and optimizer state (moments,
+# per-branch step counts) are the same bits on all four.
+per_device = [np.asarray(x) for x in jax.tree.leaves((state.trainable, state.opt_state))]
+state_equal = all(np.array_equal(x[0], x[d]) for x in per_device for d in range(4))
 
 # The same per-device step under pmap and under jit + shard_map over a 1-D mesh with the
 # same axis name. SGD, so that the parameter change is the averaged gradient itself (Adam's
@@ -61,6 +65,7 @@ st2, m3 = run2.train_step(1)[0](steps.replicate(run2.host_state(1), run2.devices
 diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(pmapped), jax.tree.leaves(sharded))]
 moved = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(pmapped), jax.tree.leaves(trainable))]
 json.dump({
+    "state_equal_across_devices": bool(state_equal),
     "masks_equal_across_devices": [bool(all(np.array_equal(m[0], m[d]) for d in range(4))) for m in masks],
     "masks_differ_across_steps": bool(not np.array_equal(masks[0][0], masks[1][0])),
     "mask_shape": list(masks[0].shape),

@@ -26,8 +26,8 @@ def randomize(params, seed=1, scale=0.3):
   keys = jax.random.split(jax.random.key(seed), len(flat))
   out = {}
   for key, (k, v) in zip(keys, sorted(flat.items())):
-    if k.endswith(dmlora.LORA_SCALE):
-      out[k] = jax.random.uniform(key, (), minval=0.5, maxval=4.0)
+    if k.endswith(dmlora.LORA_LOG_SCALE):  # alpha_l in [0.5, 4], distinct per module
+      out[k] = jnp.log(jax.random.uniform(key, (), minval=0.5, maxval=4.0))
     else:
       out[k] = scale * jax.random.normal(key, v.shape, v.dtype)
   return unflatten(out)
@@ -50,9 +50,9 @@ def test_param_names_and_shapes_are_the_checkpoint_layout():
   assert flat["Transformer/posembed_input/pos_embedding"].shape == (1, 17, 32)
   assert flat["Transformer/encoderblock_0/MlpBlock_3/Dense_1/lora_b"].shape == (3, 2, 32)
   assert len(adapted_modules(p)) == 2 * 6
-  # B starts at zero, A does not, scales start at alpha.
+  # B starts at zero, A does not, scales start at alpha (stored as log alpha).
   assert not np.any(flat[f"{blk}/query/lora_b"]) and np.all(flat[f"{blk}/query/lora_a"] != 0)
-  assert float(flat[f"{blk}/query/lora_scale"]) == 8.0
+  assert float(flat[f"{blk}/query/lora_log_scale"]) == pytest.approx(np.log(8.0))
 
 
 @pytest.mark.parametrize("variant,num_classes,expected", [
@@ -91,10 +91,11 @@ def test_merge_is_float32_for_bf16_storage():
   a = jax.random.normal(jax.random.key(0), (2, 8, 3)).astype(jnp.bfloat16)
   b = jax.random.normal(jax.random.key(1), (2, 3, 8)).astype(jnp.bfloat16)
   w = jax.random.normal(jax.random.key(2), (8, 2, 4)).astype(jnp.bfloat16)
-  params = {"m": {"kernel": w, "lora_a": a, "lora_b": b, "lora_scale": jnp.float32(5.0)}}
+  params = {"m": {"kernel": w, "lora_a": a, "lora_b": b, "lora_log_scale": jnp.log(jnp.float32(5.0))}}
   got = merge_params(params)["m"]["kernel"]
   a64, b64, w64 = (np.asarray(t, np.float64) for t in (a, b, w))
-  want = w64.reshape(8, 8) + 5.0 / 3 * sum(a64[k] @ b64[k] for k in range(2))
+  alpha = float(jnp.exp(jnp.log(jnp.float32(5.0))))  # 5 up to float32 rounding of log/exp
+  want = w64.reshape(8, 8) + alpha / 3 * sum(a64[k] @ b64[k] for k in range(2))
   assert got.dtype == jnp.bfloat16 and got.shape == (8, 2, 4)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(want.reshape(8, 2, 4), jnp.float32).astype(jnp.bfloat16)))
 
@@ -169,7 +170,7 @@ def test_k1_model_equals_lora_by_hand_in_numpy():
   lora = {}
   for mod in adapted_modules(params):
     a, b = np.asarray(flat[mod + "/lora_a"])[0], np.asarray(flat[mod + "/lora_b"])[0]
-    lora[mod] = (a, b, float(flat[mod + "/lora_scale"]))
+    lora[mod] = (a, b, float(np.exp(flat[mod + "/lora_log_scale"])))
   x = images()
   got = model.apply({"params": params}, x)
   want = numpy_vit.forward(_numpy_inputs(params), np.asarray(x), 4, 2, 2, lora=lora)
@@ -245,7 +246,7 @@ def test_folded_layernorm_affine_matches_applying_it_values_and_gradients():
   np.testing.assert_allclose(folded(x_hat, *args), applied(x_hat, *args), rtol=1e-5, atol=1e-5)
   want = jax.vjp(applied, x_hat, *args)[1](g_out)
   got = jax.vjp(folded, x_hat, *args)[1](g_out)
-  names = ("x_hat", "scale", "bias", "kernel", "proj_bias", "lora_a", "lora_b", "lora_scale")
+  names = ("x_hat", "scale", "bias", "kernel", "proj_bias", "lora_a", "lora_b", "lora_log_scale")
   for name, a, b in zip(names, got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()), err_msg=name)
   # Without an affine the projection is returned as it is.

@@ -30,6 +30,10 @@ def test_masks_identical_across_devices_within_a_step(report):
   assert 0.2 < report["kept_fraction"][0] < 0.8  # p = 0.5: some kept, some dropped
 
 
+def test_masked_updates_leave_the_same_state_on_every_device(report):
+  assert report["state_equal_across_devices"]
+
+
 def test_masks_differ_across_steps(report):
   assert report["masks_differ_across_steps"]
 
