@@ -62,6 +62,51 @@ def seed_stats(values: list[float]) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
 
 
+# Two-sided 95% quantiles of Student's t, t_{0.975, df}, df = 1..30 (standard tables);
+# 1.96 beyond.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t975(df: int) -> float:
+  return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
+
+
+# The comparisons the method makes: each part of DMLoRA against the row without it.
+PAIRS = (("dmlora", "lora"), ("dropout", "multibranch"), ("dmlora", "dropout"), ("multibranch", "lora"))
+
+
+def paired_differences(runs: dict, pairs=PAIRS) -> list[dict]:
+  """Test top-1 differences a - b (points) over runs paired by (task, seed): per task and
+  pooled over all tasks. Each: mean, the 95% t-interval of the mean (n - 1 df), n pairs.
+  Seeds pair naturally here: the same seed gives the same data order, head init and, for
+  rows sharing a stage 1 (dmlora, dropout), the same stage-1 run."""
+  out = []
+  for a, b in pairs:
+    if a not in runs or b not in runs:
+      continue
+    pooled = []
+    for task in sorted(set(runs[a]) & set(runs[b])):
+      acc_a = {x["_seed"]: x["accuracy"]["test"] for x in runs[a][task]}
+      acc_b = {x["_seed"]: x["accuracy"]["test"] for x in runs[b][task]}
+      d = [100 * (acc_a[s] - acc_b[s]) for s in sorted(set(acc_a) & set(acc_b))]
+      if d:
+        out.append({"a": a, "b": b, "task": task, **_interval(d)})
+        pooled += d
+    if pooled:
+      out.append({"a": a, "b": b, "task": "all tasks", **_interval(pooled)})
+  return out
+
+
+def _interval(d: list[float]) -> dict:
+  v = np.asarray(d, np.float64)
+  n = len(v)
+  mean = float(v.mean())
+  half = t975(n - 1) * float(v.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+  return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
 def benchmark_of(sweep_dir: str, tasks) -> str:
   try:
     with open(os.path.join(sweep_dir, "sweep.json")) as f:
@@ -133,7 +178,7 @@ def write_csv(path: str, cols: list[str], rows: list[dict]) -> None:
 
 
 def write_markdown(path: str, cols: list[str], rows: list[dict], benchmark: str, sweep_dir: str,
-                   plots: list[str], extra: list[str]) -> None:
+                   plots: list[str], extra: list[str], runs: dict | None = None) -> None:
   # One column per task with "mean ± std"; blank columns of absent tasks are kept so the
   # table has the published layout.
   show = [c for c in cols if not c.endswith(" std") and c != "source"]
@@ -153,6 +198,13 @@ def write_markdown(path: str, cols: list[str], rows: list[dict], benchmark: str,
     lines.append("| " + " | ".join(fmt(r, c) for c in show) + " |")
   if extra:
     lines += ["", f"Tasks outside the {benchmark} benchmark (own columns, in no mean): {', '.join(extra)}."]
+  diffs = paired_differences(runs or {})
+  if diffs:
+    lines += ["", "Paired differences of test top-1 (points), a - b over runs with the same task and seed; "
+              "95% t-interval of the mean (n - 1 degrees of freedom). An interval that contains 0 is no "
+              "evidence of a difference.", "", "| a - b | task | mean | 95% interval | pairs |", "|---|---|---|---|---|"]
+    lines += [f"| {d['a']} - {d['b']} | {d['task']} | {d['mean']:+.2f} | "
+              f"[{_cell(d['low'])}, {_cell(d['high'])}] | {d['n']} |" for d in diffs]
   lines += [""] + [f"![{p}]({p})" for p in plots]
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -276,7 +328,7 @@ def report(sweep_dir: str) -> dict:
       plots.append(name)
       out[name] = os.path.join(sweep_dir, name)
   write_csv(out["csv"], cols, rows)
-  write_markdown(out["md"], cols, rows, benchmark, sweep_dir, plots, extra)
+  write_markdown(out["md"], cols, rows, benchmark, sweep_dir, plots, extra, runs)
   return out
 
 

@@ -7,10 +7,19 @@ r"""The benchmark sweep: lr grid on val200, then seeds on test, for every task a
 For each row x task:
   1. every lr of the grid trains on train800 and is scored on val200 (`data.protocol=tune`),
      in <out>/<row>/<task>/tune_lr<lr>/;
-  2. the lr with the best val200 top-1 is chosen (ties: the first in grid order). Test is
-     never read here: a tune run that reports a test accuracy is an error;
+  2. the lr with the best val200 top-1 is chosen (ties: the first in grid order). If it is
+     the smallest or largest lr tried, the grid is extended on that side by its own ratio
+     and the new lr is run, up to --extend_edges times; a choice still on an edge after that
+     is printed as a WARNING and marked "edge" in sweep.json. Test is never read here: a
+     tune run that reports a test accuracy is an error;
   3. that lr retrains on train800val200 and evaluates test (`data.protocol=final`) for each
      seed, in <out>/<row>/<task>/final_seed<s>/.
+The `dmlora` row is the `dropout` row's stage 1 followed by 2S-LS (STAGE1_FROM): it takes
+the dropout row's chosen lr and its checkpoints at the end of stage 1 (stage2.init_from),
+and chooses stage2.lr from --stage2_lrs on val200 in the same way
+(<out>/dmlora/<task>/tune_lr<lr>_s2lr<lr2>/). Its stage 1 is thus bit-identical to the
+dropout row's, so dmlora - dropout measures 2S-LS alone, and it costs only stage 2. A dmlora
+row asked for without the dropout row brings it in.
 <out>/sweep.json summarises the choices; `python -m dmlora_jax.report <out>` makes the table.
 
 Resume: a run whose results.json exists (and was made by the same configuration) is skipped;
@@ -81,11 +90,15 @@ ROWS: dict[str, dict] = {
     "linear": {"method": "linear", "stage2.epochs": 0},
 }
 DEFAULT_ROWS = ("dmlora", "lora", "multibranch", "dropout")
+# row -> the row whose stage 1 it continues: same stage-1 lr and checkpoints, only stage2.lr
+# is chosen (on val200, from --stage2_lrs).
+STAGE1_FROM = {"dmlora": "dropout"}
 
 # Keys that do not change what a run computes; a finished run made with other values of
 # these is still the same run (e.g. resumed on another machine with the data elsewhere).
+# stage2.init_from is a path; the trainer checks that its stage 1 is this run's (fingerprint).
 IRRELEVANT_KEYS = ("data.root", "data.tfds_data_dir", "data.num_workers", "log_every", "checkpoint_every",
-                   "keep_checkpoints")
+                   "keep_checkpoints", "stage2.init_from")
 
 
 class SweepError(ValueError):
@@ -163,29 +176,51 @@ class RunSpec:
   kind: str  # tune | final
   lr: float | None = None  # None for a final run until its lr is chosen
   seed: int = 0
+  stage2_lr: float | None = None  # set for the rows of STAGE1_FROM (they choose it)
 
   @property
   def name(self) -> str:
-    return f"tune_lr{fmt_lr(self.lr)}" if self.kind == "tune" else f"final_seed{self.seed}"
+    if self.kind == "final":
+      return f"final_seed{self.seed}"
+    return f"tune_lr{fmt_lr(self.lr)}" + (f"_s2lr{fmt_lr(self.stage2_lr)}" if self.stage2_lr is not None else "")
 
   def workdir(self, out: str) -> str:
     return os.path.join(out, self.row, self.task, self.name)
 
+  def stage1_source(self) -> "RunSpec | None":
+    """The run whose stage 1 this one continues (same task, kind, lr and seed), if any."""
+    src = STAGE1_FROM.get(self.row)
+    return None if src is None else RunSpec(src, self.task, self.kind, self.lr, self.seed)
+
   def label(self) -> str:
     what = f"lr={fmt_lr(self.lr)}" if self.lr is not None else "lr=?"
+    if self.stage2_lr is not None:
+      what += f" stage2.lr={fmt_lr(self.stage2_lr)}"
     return f"{self.row}/{self.task} {self.kind} {what}" + (f" seed={self.seed}" if self.kind == "final" else "")
 
 
-def run_config(base: ml_collections.ConfigDict, overrides: dict, spec: RunSpec) -> ml_collections.ConfigDict:
+def run_overrides(spec: RunSpec, out: str | None = None) -> dict:
+  """The row's overrides + this run's lr(s), seed, protocol and stage-1 source (a workdir
+  under `out`, for the rows of STAGE1_FROM)."""
+  over = dict(ROWS[spec.row])
+  over.update({"stage1.lr": float(spec.lr), "seed": int(spec.seed),
+               "data.protocol": "tune" if spec.kind == "tune" else "final"})
+  if spec.stage2_lr is not None:
+    over["stage2.lr"] = float(spec.stage2_lr)
+  src = spec.stage1_source()
+  if src is not None and out is not None:
+    over["stage2.init_from"] = os.path.abspath(src.workdir(out))
+  return over
+
+
+def run_config(base: ml_collections.ConfigDict, overrides: dict, spec: RunSpec,
+               out: str | None = None) -> ml_collections.ConfigDict:
   """base + command-line overrides + the row's overrides + this run's lr, seed and protocol."""
   c = base.copy_and_resolve_references()
   for k, v in overrides.items():
     set_key(c, k, v)
-  for k, v in ROWS[spec.row].items():
+  for k, v in run_overrides(spec, out).items():
     set_key(c, k, v)
-  c.stage1.lr = float(spec.lr)
-  c.seed = int(spec.seed)
-  c.data.protocol = "tune" if spec.kind == "tune" else "final"
   return c
 
 
@@ -194,6 +229,22 @@ def select_lr(val_acc: dict[float, float]) -> float:
   if not val_acc:
     raise SweepError("no finished tune run to choose an lr from")
   return max(val_acc, key=lambda lr: (val_acc[lr], -list(val_acc).index(lr)))
+
+
+def edge_extension(val_acc: dict[float, float]) -> float | None:
+  """The next lr to try when the best val accuracy is reached only at the smallest or largest
+  lr tried: one more step of the grid's own ratio on that side (x3 for a one-point grid).
+  None when a best value lies inside the grid (a tie with an inner lr included)."""
+  tried = sorted(val_acc)
+  top = max(val_acc.values())
+  best = [lr for lr in tried if val_acc[lr] == top]
+  if len(tried) == 1:
+    return tried[0] * 3
+  if any(tried[0] < lr < tried[-1] for lr in best):
+    return None
+  if select_lr(val_acc) == tried[0]:
+    return tried[0] * tried[0] / tried[1]
+  return tried[-1] * tried[-1] / tried[-2]
 
 
 def val_accuracy(results: dict) -> tuple[str, float]:
@@ -245,10 +296,10 @@ def _in_process(config, workdir: str) -> dict | None:
   return trainer.train_and_evaluate(config, workdir)
 
 
-def _subprocess(config_file: str, task_arg: str, spec: RunSpec, overrides: dict, workdir: str) -> dict | None:
+def _subprocess(config_file: str, task_arg: str, spec: RunSpec, overrides: dict, workdir: str,
+                out: str) -> dict | None:
   flags = {k: v for k, v in overrides.items()}
-  flags.update(ROWS[spec.row])
-  flags.update({"stage1.lr": spec.lr, "seed": spec.seed, "data.protocol": "tune" if spec.kind == "tune" else "final"})
+  flags.update(run_overrides(spec, out))
   fmt = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
   cmd = [sys.executable, "-m", "dmlora_jax.main", f"--config={os.path.join(REPO, config_file)}:{task_arg}={spec.task}",
          f"--workdir={workdir}"] + [f"--config.{k}={fmt(v)}" for k, v in flags.items()]
@@ -268,7 +319,9 @@ class Sweep:
     self.counts = {"ran": 0, "skipped": 0, "failed": 0}
     self.failed: list[dict] = []
     self.selection: dict = {}
-    self.i, self.total = 0, len(args.rows) * len(args.tasks) * (len(args.lrs) + len(args.seeds))
+    n_final = 0 if args.tune_only else len(args.seeds)
+    grid = lambda r: args.stage2_lrs if r in STAGE1_FROM else args.row_lrs.get(r, args.lrs)
+    self.i, self.total = 0, sum(len(args.tasks) * (len(grid(r)) + n_final) for r in args.rows)
     self.t0 = time.time()
     self.preempted = False
 
@@ -277,7 +330,7 @@ class Sweep:
       print(msg, flush=True)
 
   def config(self, spec: RunSpec):
-    return run_config(load_config(self.bench, spec.task), self.overrides, spec)
+    return run_config(load_config(self.bench, spec.task), self.overrides, spec, self.out)
 
   def run(self, spec: RunSpec) -> dict | None:
     """Runs (or skips, or resumes) one training; None if it failed or was stopped."""
@@ -300,7 +353,7 @@ class Sweep:
       self.say(f"{head}: running in {wd}")
       t = time.time()
       if self.args.isolate:
-        res = _subprocess(self.bench.config_file, self.bench.task_arg, spec, self.overrides, wd)
+        res = _subprocess(self.bench.config_file, self.bench.task_arg, spec, self.overrides, wd, self.out)
       else:
         res = _in_process(config, wd)
       if res is None:
@@ -321,37 +374,79 @@ class Sweep:
         traceback.print_exc()
       return None
 
-  def row_task(self, row: str, task: str) -> None:
+  def tune(self, grid, spec_of) -> tuple[dict, str | None, bool]:
+    """Runs the tune runs of a grid (spec_of(value) -> RunSpec), extending it at an edge
+    (see the module docstring). Returns ({value: val accuracy}, metric, best still on an edge)."""
     val: dict[float, float] = {}
     metric = None
-    for lr in self.args.lrs:
-      res = self.run(RunSpec(row, task, "tune", lr, self.args.tune_seed))
+    todo, extensions = list(grid), 0
+    while todo:
+      value = todo.pop(0)
+      res = self.run(spec_of(value))
       if self.preempted:
-        return
-      if res is None:
-        continue
-      acc = math.nan
-      if self.host.index == 0:
-        try:
-          metric, acc = val_accuracy(res)
-        except SweepError as e:
-          self.counts["failed"] += 1
-          self.failed.append({"run": f"{row}/{task} tune lr={fmt_lr(lr)}", "error": str(e)})
-      acc = self.host.agree(acc)
-      if not math.isnan(acc):
-        val[lr] = acc
-    entry = {"metric": metric, "val": {fmt_lr(k): v for k, v in val.items()}, "lr": None, "final": {}}
+        return val, metric, False
+      if res is not None:
+        acc = math.nan
+        if self.host.index == 0:
+          try:
+            metric, acc = val_accuracy(res)
+          except SweepError as e:
+            self.counts["failed"] += 1
+            self.failed.append({"run": spec_of(value).label(), "error": str(e)})
+        acc = self.host.agree(acc)
+        if not math.isnan(acc):
+          val[value] = acc
+      if not todo and val and extensions < self.args.extend_edges:
+        nxt = edge_extension(val)
+        if nxt is not None and nxt not in val:
+          self.say(f"  best {fmt_lr(select_lr(val))} is at the edge of {sorted(map(fmt_lr, val), key=float)}: "
+                   f"extending the grid to {fmt_lr(nxt)}")
+          todo.append(nxt)
+          extensions += 1
+          self.total += 1
+    return val, metric, bool(val) and edge_extension(val) is not None
+
+  def row_task(self, row: str, task: str) -> None:
+    src_row = STAGE1_FROM.get(row)
+    if src_row is None:
+      grid, key = self.args.row_lrs.get(row, self.args.lrs), "lr"
+      lr = None
+      spec_of = lambda v: RunSpec(row, task, "tune", v, self.args.tune_seed)
+    else:
+      grid, key = self.args.stage2_lrs, "stage2_lr"
+      lr = (self.selection.get(src_row, {}).get(task) or {}).get("lr")
+      spec_of = lambda v: RunSpec(row, task, "tune", lr, self.args.tune_seed, stage2_lr=v)
+    entry = {"metric": None, "val": {}, "lr": lr, "final": {}}
+    if src_row is not None:
+      entry.update({"stage1_from": src_row, "stage2_lr": None})
     self.selection.setdefault(row, {})[task] = entry
+    if src_row is not None and lr is None:
+      self.say(f"{row}/{task}: the {src_row} row chose no lr for this task; its runs are skipped")
+      self.i += len(grid) + (0 if self.args.tune_only else len(self.args.seeds))
+      return
+    val, metric, edge = self.tune(grid, spec_of)
+    if self.preempted:
+      return
+    entry.update({"metric": metric, "val": {fmt_lr(k): v for k, v in val.items()}})
     if not val:
       self.say(f"{row}/{task}: no finished tune run; its final runs are skipped")
-      self.i += len(self.args.seeds)
+      self.i += 0 if self.args.tune_only else len(self.args.seeds)
       return
     best = select_lr(val)
-    entry["lr"] = best
-    self.say(f"{row}/{task}: chose lr={fmt_lr(best)} on {metric} "
-             f"({', '.join(f'{fmt_lr(k)}: {100 * v:.2f}' for k, v in val.items())})")
+    entry[key], entry["edge"] = best, edge
+    what = "lr" if key == "lr" else "stage2.lr"
+    self.say(f"{row}/{task}: chose {what}={fmt_lr(best)} on {metric} "
+             f"({', '.join(f'{fmt_lr(k)}: {100 * v:.2f}' for k, v in sorted(val.items()))})")
+    if edge:
+      self.say(f"WARNING: {row}/{task}: the chosen {what}={fmt_lr(best)} is still at the edge of the grid after "
+               f"{self.args.extend_edges} extension(s); its optimum may lie outside: widen the grid")
+    self.write()
+    if self.args.tune_only:
+      return
     for s in self.args.seeds:
-      res = self.run(RunSpec(row, task, "final", best, s))
+      spec = (RunSpec(row, task, "final", best, s) if src_row is None
+              else RunSpec(row, task, "final", lr, s, stage2_lr=best))
+      res = self.run(spec)
       if self.preempted:
         return
       if res is not None and "test" in res.get("accuracy", {}):
@@ -364,8 +459,11 @@ class Sweep:
     summary = {
         "benchmark": self.args.benchmark,
         "rows": list(self.args.rows), "tasks": list(self.args.tasks),
-        "lrs": list(self.args.lrs), "seeds": list(self.args.seeds), "tune_seed": self.args.tune_seed,
+        "lrs": list(self.args.lrs), "row_lrs": {r: list(v) for r, v in self.args.row_lrs.items()},
+        "stage2_lrs": list(self.args.stage2_lrs), "extend_edges": self.args.extend_edges,
+        "seeds": list(self.args.seeds), "tune_seed": self.args.tune_seed, "tune_only": self.args.tune_only,
         "overrides": self.overrides, "row_overrides": {r: ROWS[r] for r in self.args.rows},
+        "stage1_from": {r: STAGE1_FROM[r] for r in self.args.rows if r in STAGE1_FROM},
         "selection": self.selection,
         "counts": self.counts, "failed": self.failed, "preempted": self.preempted,
         "finished": not self.preempted and self.i >= self.total,
@@ -431,6 +529,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
   p.add_argument("--benchmark", default="vtab1k", choices=sorted(BENCHMARKS))
   p.add_argument("--tasks", type=_names, default=None, help="comma-separated; default: all of the benchmark")
   p.add_argument("--lrs", type=_floats, default=(3e-4, 1e-3, 3e-3), help="stage-1 lr grid (default 3e-4,1e-3,3e-3)")
+  p.add_argument("--row_lrs", action="append", default=[], metavar="ROW=LR,LR,...",
+                 help="a row's own stage-1 lr grid instead of --lrs (repeatable), e.g. full=1e-5,3e-5,1e-4")
+  p.add_argument("--stage2_lrs", type=_floats, default=(1e-3, 1e-2, 1e-1),
+                 help="stage-2 (2S-LS, log-scale) lr grid of the dmlora row (default 1e-3,1e-2,1e-1)")
+  p.add_argument("--extend_edges", type=int, default=2,
+                 help="how often a grid may grow by one step when its best value is on an edge (default 2)")
+  p.add_argument("--tune_only", action="store_true", help="choose on val200 only; no final runs on test")
   p.add_argument("--seeds", type=int, default=3, help="number of final runs per task; seeds 0..N-1 (default 3)")
   p.add_argument("--tune_seed", type=int, default=42, help="seed of the tune runs (default 42, the recipe's)")
   p.add_argument("--rows", type=_names, default=DEFAULT_ROWS, help=f"rows of {sorted(ROWS)} (default: "
@@ -453,8 +558,27 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
   unknown = [r for r in args.rows if r not in ROWS]
   if unknown:
     p.error(f"unknown row(s) {unknown}; known: {sorted(ROWS)}")
-  if not args.lrs or args.seeds < 1:
-    p.error("--lrs needs at least one value and --seeds at least 1")
+  row_lrs = {}
+  for item in args.row_lrs:
+    row, eq, grid = item.partition("=")
+    if not eq or row not in ROWS:
+      p.error(f"--row_lrs {item!r}: expected ROW=LR,LR,... with ROW in {sorted(ROWS)}")
+    try:
+      row_lrs[row] = _floats(grid)
+    except ValueError:
+      p.error(f"--row_lrs {item!r}: {grid!r} is not a comma-separated list of numbers")
+  args.row_lrs = row_lrs
+  rows = list(args.rows)
+  for row in list(rows):  # a row that continues another's stage 1 needs that row first
+    src = STAGE1_FROM.get(row)
+    if src is not None and src not in rows[:rows.index(row)]:
+      if src in rows:
+        rows.remove(src)
+      rows.insert(rows.index(row), src)
+      print(f"note: the {row} row continues the {src} row's stage 1; running {src} first", flush=True)
+  args.rows = tuple(rows)
+  if not args.lrs or not args.stage2_lrs or args.seeds < 1 or args.extend_edges < 0:
+    p.error("--lrs and --stage2_lrs need at least one value, --seeds at least 1, --extend_edges >= 0")
   args.seeds = tuple(range(args.seeds))
   return args, overrides
 
@@ -471,7 +595,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     for task in args.tasks:
       for row in args.rows:
-        run_config(load_config(BENCHMARKS[args.benchmark], task), overrides, RunSpec(row, task, "tune", args.lrs[0]))
+        s2 = args.stage2_lrs[0] if row in STAGE1_FROM else None
+        run_config(load_config(BENCHMARKS[args.benchmark], task), overrides,
+                   RunSpec(row, task, "tune", args.lrs[0], stage2_lr=s2), args.out)
   except (SweepError, ValueError) as e:  # ValueError: a config file rejecting its argument
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,11 +1,14 @@
-"""The sweep driver: lr chosen on val200 only, final runs per seed, resume and skip, failures.
+"""The sweep driver: lr chosen on val200 only, final runs per seed, resume and skip, failures,
+the grid extended at an edge, and the dmlora row continuing the dropout row's stage 1.
 
 The end-to-end tests run one tiny sweep on the shared cifar10 task (tiny/4 at 16 px, one
-epoch per stage, a 2-point lr grid, 2 seeds), shared with test_report.py through
-`tiny_sweep` (a second call finds every run finished and returns at once).
+epoch per stage, 2-point grids, 2 seeds; the dmlora row brings in the dropout row), shared
+with test_report.py through `tiny_sweep` (a second call finds every run finished and returns
+at once).
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -20,11 +23,14 @@ TINY = [f"--config.data.root={VTAB_ROOT}", "--config.model.variant=tiny/4", "--c
         "--config.stage1.epochs=1", "--config.stage1.warmup_epochs=0", "--config.stage2.epochs=1",
         "--config.dmlora.num_branches=3", "--config.dmlora.rank=2", "--config.log_every=1000",
         "--config.checkpoint_every=1000"]
-ROWS = ("dmlora",)  # one row keeps the test fast; the others are the same code path
+STAGE2_LRS = (1e-3, 1e-1)
+ROWS = ("dmlora",)  # brings in "dropout", whose stage 1 it continues; the others are the same code path
+RAN = ("dropout", "dmlora")
 
 
 def sweep_args(out) -> list[str]:
   return ["--out", str(out), "--tasks", "no_such_task,cifar10", "--lrs", ",".join(map(str, LRS)),
+          "--stage2_lrs", ",".join(map(str, STAGE2_LRS)), "--extend_edges", "0",
           "--seeds", "2", "--rows", ",".join(ROWS)] + TINY
 
 
@@ -55,9 +61,9 @@ def _all_results(out):
 
 # ---- end to end on the shared cifar10 task ----
 
-@pytest.mark.parametrize("row", ROWS)
-def test_lr_is_the_argmax_of_val200_over_the_tune_runs(swept, row):
+def test_lr_is_the_argmax_of_val200_over_the_tune_runs(swept):
   out, _ = swept
+  row = "dropout"
   task = os.path.join(out, row, "cifar10")
   val = []
   for lr in LRS:
@@ -75,6 +81,30 @@ def test_lr_is_the_argmax_of_val200_over_the_tune_runs(swept, row):
     assert res["config"]["data.protocol"] == "final"
     assert res["config"]["stage1.lr"] == best and res["config"]["seed"] == seed
     assert chosen["final"][str(seed)] == res["accuracy"]["test"]
+
+
+def test_dmlora_continues_the_dropout_stage1_and_chooses_stage2_lr_on_val200(swept):
+  out, _ = swept
+  summary = json.load(open(os.path.join(out, "sweep.json")))
+  assert summary["rows"] == ["dropout", "dmlora"] and summary["stage1_from"] == {"dmlora": "dropout"}
+  lr = summary["selection"]["dropout"]["cifar10"]["lr"]
+  chosen = summary["selection"]["dmlora"]["cifar10"]
+  assert chosen["lr"] == lr and chosen["stage1_from"] == "dropout"
+  val = []
+  for s2 in STAGE2_LRS:
+    wd = os.path.join(out, "dmlora", "cifar10", f"tune_lr{lr:g}_s2lr{s2:g}")
+    res = _results(wd)
+    assert set(res["accuracy"]) == {"val200"}
+    assert res["config"]["stage2.lr"] == s2 and res["config"]["stage1.lr"] == lr
+    assert res["config"]["stage2.init_from"] == os.path.join(out, "dropout", "cifar10", f"tune_lr{lr:g}")
+    logged = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+    assert {m["stage"] for m in logged} == {2}  # stage 1 was not trained again
+    val.append(res["accuracy"]["val200"])
+  assert chosen["stage2_lr"] == STAGE2_LRS[int(np.argmax(val))]
+  for seed in (0, 1):
+    res = _results(os.path.join(out, "dmlora", "cifar10", f"final_seed{seed}"))
+    assert res["config"]["stage2.lr"] == chosen["stage2_lr"] and res["config"]["seed"] == seed
+    assert res["config"]["stage2.init_from"] == os.path.join(out, "dropout", "cifar10", f"final_seed{seed}")
 
 
 def test_the_row_sets_the_method_and_its_stages(swept):
@@ -100,9 +130,9 @@ def test_ablation_rows_differ_only_in_what_their_names_say():
 
 def test_final_runs_keep_their_export_and_tune_runs_drop_theirs(swept):
   out, _ = swept
-  for row in ROWS:
+  for row in RAN:
     assert os.path.exists(os.path.join(out, row, "cifar10", "final_seed1", "merged.npz"))
-    assert not os.path.exists(os.path.join(out, row, "cifar10", f"tune_lr{LRS[0]:g}", "merged.npz"))
+  assert not os.path.exists(os.path.join(out, "dropout", "cifar10", f"tune_lr{LRS[0]:g}", "merged.npz"))
 
 
 def test_a_failed_run_is_reported_and_the_sweep_goes_on(swept):
@@ -110,27 +140,28 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(swept):
   summary = json.load(open(os.path.join(out, "sweep.json")))
   assert rc == 1
   failed = [f["run"] for f in summary["failed"]]
-  assert failed == [f"{row}/no_such_task tune lr={lr:g}" for row in ROWS for lr in LRS]
+  assert failed == [f"dropout/no_such_task tune lr={lr:g}" for lr in LRS]  # dmlora's runs are skipped
+  assert summary["selection"]["dropout"]["no_such_task"]["lr"] is None
   assert summary["selection"]["dmlora"]["no_such_task"]["lr"] is None
-  assert not os.path.exists(os.path.join(out, "dmlora", "no_such_task", "final_seed0"))
-  assert summary["selection"]["dmlora"]["cifar10"]["lr"] in LRS  # the task after the failure still ran
+  assert not os.path.exists(os.path.join(out, "dmlora", "no_such_task"))
+  assert summary["selection"]["dropout"]["cifar10"]["lr"] in LRS  # the task after the failure still ran
 
 
 def test_second_invocation_skips_every_finished_run(swept, capsys):
   out, _ = swept
   before = _all_results(out)
-  assert len(before) == len(ROWS) * (len(LRS) + 2)
+  assert len(before) == (len(LRS) + 2) + (len(STAGE2_LRS) + 2)
   assert sweep.main(sweep_args(out)) == 1  # the missing task still fails
   text = capsys.readouterr().out
   summary = json.load(open(os.path.join(out, "sweep.json")))
-  assert summary["counts"] == {"ran": 0, "skipped": len(before), "failed": len(ROWS) * len(LRS)}
+  assert summary["counts"] == {"ran": 0, "skipped": len(before), "failed": len(LRS)}
   assert _all_results(out) == before  # nothing rewritten
-  assert f"[1/{len(ROWS) * 2 * (len(LRS) + 2)}]" in text and "skipped" in text
+  assert f"[1/{2 * (len(LRS) + 2) + 2 * (len(STAGE2_LRS) + 2)}]" in text and "skipped" in text
 
 
 def test_unfinished_run_resumes_from_its_checkpoint(swept):
   out, _ = swept
-  wd = os.path.join(out, "dmlora", "cifar10", f"tune_lr{LRS[1]:g}")  # val200: a short evaluation
+  wd = os.path.join(out, "dropout", "cifar10", f"tune_lr{LRS[1]:g}")  # val200: a short evaluation
   old = _results(wd)
   metric_lines = len(open(os.path.join(wd, "metrics.jsonl")).readlines())
   os.remove(os.path.join(wd, "results.json"))  # as if killed after the last checkpoint
@@ -188,3 +219,62 @@ def test_every_row_is_documented_and_runs_one_method():
     assert over["method"] in ("dmlora", "lora", "full", "linear"), name
     assert f'"{name}"' in open(sweep.__file__).read()
   assert len(sweep.VTAB1K_TASKS) == 19 and len(set(sweep.VTAB1K_TASKS)) == 19
+
+
+def test_edge_extension_steps_out_by_the_grid_ratio():
+  assert sweep.edge_extension({1e-3: 0.5, 3e-3: 0.7, 1e-2: 0.6}) is None
+  assert sweep.edge_extension({1e-3: 0.7, 3e-3: 0.6}) == pytest.approx(1e-3 / 3)
+  assert sweep.edge_extension({1e-3: 0.5, 3e-3: 0.6, 1e-2: 0.7}) == pytest.approx(1e-2 * 10 / 3)
+  assert sweep.edge_extension({1e-3: 0.5}) == pytest.approx(3e-3)
+  # A best value shared with an inner lr is no reason to go further out.
+  assert sweep.edge_extension({1e-4: 0.7, 1e-3: 0.7, 1e-2: 0.6}) is None
+  assert sweep.edge_extension({1e-4: 0.6, 1e-3: 0.7, 1e-2: 0.7}) is None
+
+
+def _fake_runs(monkeypatch, peak_lr):
+  """Replaces training: val200 top-1 peaks at peak_lr (log scale); every final run gives 0.5."""
+  tried = []
+
+  def fake(config, workdir):
+    if config.data.protocol == "tune":
+      tried.append(config.stage1.lr)
+      return {"accuracy": {"val200": 1.0 - abs(math.log10(config.stage1.lr / peak_lr)) / 10}}
+    return {"accuracy": {"test": 0.5}}
+
+  monkeypatch.setattr(sweep, "_in_process", fake)
+  return tried
+
+
+def test_grid_grows_at_an_edge_until_the_best_lr_is_inside(tmp_path, monkeypatch):
+  tried = _fake_runs(monkeypatch, peak_lr=0.1)
+  args = ["--out", str(tmp_path), "--tasks", "cifar10", "--rows", "lora", "--lrs", "1e-3,1e-2", "--seeds", "1",
+          "--extend_edges", "3"] + TINY
+  assert sweep.main(args) == 0
+  assert tried == pytest.approx([1e-3, 1e-2, 0.1, 1.0])  # 0.1 on the edge, then 1.0 shows it is the peak
+  chosen = json.load(open(os.path.join(tmp_path, "sweep.json")))["selection"]["lora"]["cifar10"]
+  assert chosen["lr"] == pytest.approx(0.1) and chosen["edge"] is False
+
+
+def test_a_choice_still_on_an_edge_is_said_loudly(tmp_path, monkeypatch, capsys):
+  tried = _fake_runs(monkeypatch, peak_lr=1.0)
+  args = ["--out", str(tmp_path), "--tasks", "cifar10", "--rows", "lora", "--lrs", "1e-3,1e-2", "--seeds", "1",
+          "--extend_edges", "1", "--row_lrs", "full=1e-5"] + TINY
+  assert sweep.main(args) == 0
+  assert tried == pytest.approx([1e-3, 1e-2, 0.1])
+  chosen = json.load(open(os.path.join(tmp_path, "sweep.json")))["selection"]["lora"]["cifar10"]
+  assert chosen["lr"] == pytest.approx(0.1) and chosen["edge"] is True
+  assert "WARNING: lora/cifar10: the chosen lr=0.1 is still at the edge of the grid" in capsys.readouterr().out
+
+
+def test_a_row_grid_replaces_the_common_grid(tmp_path, monkeypatch):
+  tried = _fake_runs(monkeypatch, peak_lr=3e-5)
+  args = ["--out", str(tmp_path), "--tasks", "cifar10", "--rows", "full", "--lrs", "1e-3,1e-2", "--seeds", "1",
+          "--row_lrs", "full=1e-5,3e-5,1e-4"] + TINY
+  assert sweep.main(args) == 0
+  assert tried == pytest.approx([1e-5, 3e-5, 1e-4])
+
+
+def test_a_bad_row_grid_is_named(capsys):
+  with pytest.raises(SystemExit):
+    sweep.parse_args(["--out", "x", "--row_lrs", "fulll=1e-5"])
+  assert "--row_lrs 'fulll=1e-5'" in capsys.readouterr().err
