@@ -1,0 +1,185 @@
+"""Tables and the 2S-LS heatmap of the real-backbone study (benchmarks/study_real_backbone.py)."""
+
+import glob
+import json
+import math
+import os
+import platform
+import re
+
+import numpy as np
+
+from dmlora_jax import report as sweep_report
+
+PAIRS = (("dmlora", "lora"), ("dropout", "multibranch"), ("dmlora", "dropout"), ("multibranch", "lora"),
+         ("dropout", "lora"), ("lora", "linear"), ("full", "lora"))
+
+
+def _pct(v) -> str:
+  return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def test_table(runs: dict, rows, tasks) -> tuple[list[str], dict]:
+  """Markdown lines and numbers: test top-1 mean ± std per row and task, and the mean over
+  tasks with the std across seeds of each seed's mean over tasks."""
+  data = {}
+  lines = ["| row | " + " | ".join(tasks) + " | mean over tasks | trainable params |",
+           "|---|" + "---|" * (len(tasks) + 2)]
+  for row in rows:
+    if row not in runs:
+      continue
+    cells, per_seed = [], {}
+    data[row] = {}
+    for t in tasks:
+      accs = {x["_seed"]: x["accuracy"]["test"] for x in runs[row].get(t, [])}
+      for s, a in accs.items():
+        per_seed.setdefault(s, {})[t] = a
+      if accs:
+        m, sd = sweep_report.seed_stats([100 * a for a in accs.values()])
+        data[row][t] = {"mean": m, "std": sd, "seeds": {str(s): a for s, a in sorted(accs.items())}}
+        cells.append(f"{m:.2f} ± {sd:.2f}" if not math.isnan(sd) else f"{m:.2f}")
+      else:
+        cells.append("")
+    complete = [np.mean([v[t] for t in tasks]) * 100 for v in per_seed.values() if len(v) == len(tasks)]
+    mean_cell = ""
+    if complete:
+      m, sd = sweep_report.seed_stats(complete)
+      data[row]["mean over tasks"] = {"mean": m, "std": sd, "seeds": len(complete)}
+      mean_cell = f"{m:.2f} ± {sd:.2f}" if not math.isnan(sd) else f"{m:.2f}"
+    params = [x["trainable_params"] for rs in runs[row].values() for x in rs]
+    data[row]["trainable_params"] = int(np.mean(params))
+    lines.append(f"| {row} | " + " | ".join(cells) + f" | {mean_cell} | {int(np.mean(params)):,} |")
+  return lines, data
+
+
+def diff_table(runs: dict) -> tuple[list[str], list[dict]]:
+  diffs = sweep_report.paired_differences(runs, PAIRS)
+  lines = ["| a - b | task | mean (points) | 95% interval | pairs |", "|---|---|---|---|---|"]
+  for d in diffs:
+    lo, hi = d["low"], d["high"]
+    sig = "" if math.isnan(lo) or lo <= 0 <= hi else " *"
+    lines.append(f"| {d['a']} - {d['b']} | {d['task']} | {d['mean']:+.2f}{sig} | [{lo:+.2f}, {hi:+.2f}] | {d['n']} |")
+  return lines, diffs
+
+
+def choice_table(selection: dict, rows, tasks) -> list[str]:
+  lines = ["| row | task | tuned | val200 top-1 per value | chosen | on an edge |", "|---|---|---|---|---|---|"]
+  for row in rows:
+    for t in tasks:
+      e = selection.get(row, {}).get(t)
+      if not e or not e.get("val"):
+        continue
+      key = "stage2_lr" if "stage1_from" in e else "lr"
+      vals = ", ".join(f"{k}: {_pct(v)}" for k, v in sorted(e["val"].items(), key=lambda kv: float(kv[0])))
+      tuned = "stage2.lr (stage 1 = dropout's, lr " + f"{e['lr']:g})" if key == "stage2_lr" else "stage1.lr"
+      chosen = e.get(key)
+      lines.append(f"| {row} | {t} | {tuned} | {vals} | {chosen:g} | {'yes' if e.get('edge') else 'no'} |")
+  return lines
+
+
+def stage2_table(main_out: str, tasks) -> tuple[list[str], dict]:
+  """Per stage-2 lr (tune runs): val200 and how far the scales moved (std and max |.| of log
+  alpha_l / alpha over the modules)."""
+  data, lines = {}, ["| task | stage2.lr | val200 top-1 | stage-1-only val200 | std of log alpha_l | "
+                     "max abs log(alpha_l / alpha) | stage-2 loss first -> last logged |", "|---|---|---|---|---|---|---|"]
+  for t in tasks:
+    for path in sorted(glob.glob(os.path.join(main_out, "dmlora", t, "tune_lr*_s2lr*", "results.json")),
+                       key=lambda p: float(re.search(r"_s2lr([^/]+)", p).group(1))):
+      res = json.load(open(path))
+      s2 = res["config"]["stage2.lr"]
+      alpha = res["config"]["dmlora.alpha"]
+      logs = np.log(np.array(list(res["scales"].values())) / alpha)
+      src = os.path.join(res["config"]["stage2.init_from"], "results.json")
+      base = json.load(open(src))["accuracy"]["val200"] if os.path.exists(src) else None
+      curve = res.get("stage2_loss") or []
+      loss = f"{curve[0][1]:.3f} -> {curve[-1][1]:.3f}" if curve else ""
+      data.setdefault(t, {})[f"{s2:g}"] = {"val200": res["accuracy"]["val200"], "stage1_val200": base,
+                                             "std_log_alpha": float(logs.std()),
+                                             "max_abs_log_ratio": float(np.abs(logs).max()), "stage2_loss": curve}
+      lines.append(f"| {t} | {s2:g} | {_pct(res['accuracy']['val200'])} | {_pct(base)} | {logs.std():.4f} | "
+                   f"{np.abs(logs).max():.4f} | {loss} |")
+  return lines, data
+
+
+def knob_table(knobs: dict, tasks) -> list[str]:
+  lines = ["| variant (dropout row, stage 1) | " + " | ".join(tasks) + " | mean | chosen lr per task |",
+           "|---|" + "---|" * (len(tasks) + 2)]
+  for name, s in knobs["scores"].items():
+    cells = [_pct(s["val200_best"].get(t)) + (" (edge)" if s["edge"].get(t) else "") for t in tasks]
+    lrs = ", ".join(f"{s['lr'][t]:g}" for t in tasks if t in s["lr"])
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(s['mean'])} | {lrs} |")
+  return lines
+
+
+def plot_scales(runs: dict, tasks, path: str) -> bool:
+  """log2(alpha_l / alpha) of the dmlora row, mean over seeds: modules x tasks."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  if "dmlora" not in runs:
+    return False
+  mods = sorted({m for rs in runs["dmlora"].values() for x in rs for m in x["scales"]}, key=sweep_report._layer_key)
+  grid = np.full((len(mods), len(tasks)), np.nan)
+  for j, t in enumerate(tasks):
+    for i, m in enumerate(mods):
+      v = [np.log2(x["scales"][m] / x["config"]["dmlora.alpha"]) for x in runs["dmlora"].get(t, [])]
+      if v:
+        grid[i, j] = np.mean(v)
+  lim = max(float(np.nanmax(np.abs(grid))), 1e-3)
+  fig, ax = plt.subplots(figsize=(4.8, 1.6 + 0.2 * len(mods)))
+  im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+  ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+  ax.set_yticks(range(len(mods)), [sweep_report._short(m) for m in mods], fontsize=6)
+  ax.set_title("2S-LS: learned $\\log_2(\\alpha_l / \\alpha)$\n(dmlora row, mean over 3 seeds)", fontsize=9)
+  fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict, rows, tasks,
+          smoke: bool = False) -> None:
+  RECIPE, ROWS, TASKS = recipe, rows, tasks
+  runs = sweep_report.load_runs(main_out)
+  sweep_json = json.load(open(os.path.join(main_out, "sweep.json")))
+  selection = sweep_json["selection"]
+  name = "real_backbone_smoke" if smoke else "real_backbone"
+  os.makedirs(os.path.join(report_to, "results"), exist_ok=True)
+  png = os.path.join(report_to, f"{name}_scales.png")
+  has_plot = plot_scales(runs, TASKS, png)
+  t_lines, t_data = test_table(runs, ROWS, TASKS)
+  d_lines, d_data = diff_table(runs)
+  s_lines, s_data = stage2_table(main_out, TASKS)
+  wall = sum(times.values())
+  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine()) \
+      if os.path.exists("/proc/cpuinfo") else platform.machine()
+  md = [f"# The real-backbone study{' (SMOKE: pipeline check, numbers mean nothing)' if smoke else ''}", "",
+        "Command: `python benchmarks/study_real_backbone.py --out runs/study_real` "
+        f"(run time {wall / 3600:.1f} h on {os.cpu_count()} CPU cores, {cpu}; phases: "
+        + ", ".join(f"{k} {v / 3600:.1f} h" for k, v in times.items()) + ").",
+        "Recipe: " + ", ".join(f"`{k}={v}`" for k, v in RECIPE.items()) + "; knobs chosen on val200: "
+        + (", ".join(f"`{k}={v}`" for k, v in knobs["overrides"].items()) or "the defaults") + ".", "",
+        "## Test top-1 (%), 3 seeds", "",
+        "train800val200 -> test, every choice made on val200 (train800 -> val200). Mean ± sample std over the "
+        "seeds; the mean over tasks is each seed's mean over the three tasks, then mean ± std over seeds.", ""]
+  md += t_lines
+  md += ["", "## Paired differences (test top-1 points)", "",
+         "a - b over runs with the same task and seed (dmlora and dropout share their stage 1 exactly, so "
+         "dmlora - dropout is 2S-LS alone). 95% t-interval of the mean difference (n - 1 df); * marks an "
+         "interval that excludes 0.", ""]
+  md += d_lines
+  md += ["", "## Choices on val200", "", "### The method's knobs (dropout row = DMLoRA's stage 1)", ""]
+  md += knob_table(knobs, TASKS)
+  md += ["", f"Chosen: {knobs['chosen']}.", "", "### Learning rates", ""]
+  md += choice_table(selection, ROWS, TASKS)
+  md += ["", "### 2S-LS: the stage-2 learning rate (tune runs)", ""]
+  md += s_lines
+  if has_plot:
+    md += ["", f"![alpha_l heatmap]({os.path.basename(png)})"]
+  with open(os.path.join(report_to, f"{name}.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
+  with open(os.path.join(report_to, "results", f"{name}.json"), "w") as f:
+    json.dump({"recipe": RECIPE, "knobs": knobs, "selection": selection, "test": t_data, "paired": d_data,
+               "stage2": s_data, "times_s": times, "sweep_dir": main_out}, f, indent=2)
+  print(f"wrote {os.path.join(report_to, name + '.md')}", flush=True)

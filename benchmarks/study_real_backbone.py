@@ -1,0 +1,192 @@
+r"""The real-backbone study: what each part of DMLoRA buys on a pre-trained ViT-S/14 (DINOv2-small).
+
+  python benchmarks/study_real_backbone.py --out runs/study_real      # everything, resumable
+  python benchmarks/study_real_backbone.py --out runs/study_real --phase report   # tables only
+
+Backbone: ../shared/tools/get_real_backbone.sh writes a real ViT-S/14 (DINOv2-small, saliency
+fine-tuned, LayerScale folded in, exact GELU, ImageNet mean/std) in the public .npz layout
+with its native 37x37 position grid; it loads through config.model.init_checkpoint as it is
+and the loader resamples the grid to 8x8 (112 px). Tasks: ../shared/data/vtab1k/{cifar10,
+cifar10_t5, animal_mnist} (VTAB-1k layout; train800 -> val200 for choices, train800val200 ->
+test for the table).
+
+Phases (each resumes: finished runs are skipped, unfinished ones resume from checkpoints):
+1. knobs (val200 only): the `dropout` row (stage 1 of DMLoRA) at the default knobs (K=4,
+   rank 8 per branch, drop_end 0.5) and one knob changed at a time: K=2, K=8, drop_end=0.75,
+   rank r/K per branch (split_rank). Each variant chooses its lr on val200 from LRS (extended
+   at an edge). Per knob, the value with the best val200 top-1 (at its best lr), averaged over
+   the tasks, is kept; ties keep the default. Test is never read.
+2. main: the sweep of dmlora_jax.sweep with the chosen knobs: rows linear, lora, multibranch,
+   dropout, dmlora, full; each row's lr on val200 from its grid (ROW_LRS, extended at an
+   edge), dmlora's stage-2 lr from STAGE2_LRS on val200 (its stage 1 is the dropout row's),
+   then 3 seeds on test.
+3. report: benchmarks/real_backbone.md (tables: test top-1 mean ± std per row and task and
+   the mean over tasks, paired differences with 95% intervals, the knob and lr choices, the
+   2S-LS scales), benchmarks/results/real_backbone.json and benchmarks/real_backbone_scales.png.
+
+The recipe (RECIPE) is the VTAB-1k one (AdamW, wd 1e-4, cosine with warm-up, ImageNet
+mean/std, no augmentation) shortened to fit 2 CPU cores: 112 px, batch 32, 5 + 2 epochs.
+Runs go through `python -m dmlora_jax.main` subprocesses (the sweep's --isolate) sharing one
+XLA compilation cache. `--smoke` runs the whole pipeline on a tiny random-init model in a few
+minutes (pipeline check only: its numbers mean nothing).
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))
+TASKS = ("cifar10", "cifar10_t5", "animal_mnist")
+ROWS = ("linear", "lora", "multibranch", "dropout", "dmlora", "full")
+LRS = (3e-4, 1e-3, 3e-3)  # the adapter rows; extended at an edge by the sweep
+ROW_LRS = {"full": (1e-5, 3e-5, 1e-4), "linear": (3e-3, 1e-2, 3e-2)}
+STAGE2_LRS = (1e-4, 1e-3, 1e-2, 1e-1)  # 1e-4 = "one tenth of stage 1" at stage1.lr 1e-3
+SEEDS = 3
+RECIPE = {
+    "model.variant": "S/14", "model.gelu_approximate": "false", "data.image_size": "112",
+    "data.normalization": "imagenet", "data.num_workers": "2", "batch_size": "32",
+    "stage1.epochs": "5", "stage1.warmup_epochs": "1", "stage2.epochs": "2",
+    "checkpoint_every": "100000", "keep_checkpoints": "1", "log_every": "10",
+}
+SMOKE = {
+    "model.variant": "tiny/4", "model.init_checkpoint": "", "data.image_size": "16", "data.num_workers": "2",
+    "batch_size": "64", "stage1.epochs": "1", "stage1.warmup_epochs": "0", "stage2.epochs": "1",
+    "checkpoint_every": "100000", "keep_checkpoints": "1", "log_every": "1000",
+}
+# One knob changed at a time from the defaults (name -> overrides); "base" is the default.
+KNOBS = {
+    "base": {},
+    "K2": {"dmlora.num_branches": "2"},
+    "K8": {"dmlora.num_branches": "8"},
+    "drop_end0.75": {"dmlora.drop_end": "0.75"},
+    "split_rank": {"dmlora.split_rank": "true"},
+}
+KNOB_GROUPS = {"num_branches": ("K2", "base", "K8"), "drop_end": ("base", "drop_end0.75"),
+               "split_rank": ("base", "split_rank")}
+
+
+def backbone(out: str) -> str:
+  path = os.path.join(out, "backbone", "dinov2_s14.npz")
+  if os.path.exists(path):
+    return path
+  tool = os.path.join(SHARED, "tools", "get_real_backbone.sh")
+  if not os.path.exists(tool):
+    raise SystemExit(f"error: {tool} not found: this study needs ../shared beside the repository "
+                     "(or put a ViT-S/14 .npz in the public layout at " + path + ")")
+  print(f"fetching the backbone with {tool} (about 10 s)", flush=True)
+  subprocess.run(["bash", tool, os.path.dirname(path)], check=True)
+  return path
+
+
+def sweep(out: str, rows, overrides: dict, extra: list[str], env_note: str = "") -> int:
+  from dmlora_jax import sweep as sweep_mod
+  argv = ["--out", out, "--tasks", ",".join(TASKS), "--rows", ",".join(rows), "--lrs", _grid(LRS),
+          "--stage2_lrs", _grid(STAGE2_LRS), "--seeds", str(SEEDS), "--isolate"]
+  for row, grid in ROW_LRS.items():
+    if row in rows:
+      argv += ["--row_lrs", f"{row}={_grid(grid)}"]
+  argv += extra + [f"--config.{k}={v}" for k, v in overrides.items()]
+  print(f"\n=== python -m dmlora_jax.sweep {' '.join(argv)} {env_note}", flush=True)
+  return sweep_mod.main(argv)
+
+
+def _grid(values) -> str:
+  return ",".join(f"{v:g}" for v in values)
+
+
+def _selection(out: str) -> dict:
+  with open(os.path.join(out, "sweep.json")) as f:
+    return json.load(f)["selection"]
+
+
+def knob_phase(out: str, common: dict) -> dict:
+  """Runs the knob variants (tune only) and returns the chosen overrides and the evidence."""
+  scores = {}
+  for name, over in KNOBS.items():
+    wd = os.path.join(out, "main") if name == "base" else os.path.join(out, "knobs", name)
+    sweep(wd, ("dropout",), {**common, **over}, ["--tune_only"])
+    sel = _selection(wd)["dropout"]
+    per_task = {t: max(sel[t]["val"].values()) for t in TASKS if sel.get(t, {}).get("val")}
+    scores[name] = {"val200_best": per_task, "lr": {t: sel[t]["lr"] for t in per_task},
+                    "edge": {t: sel[t].get("edge", False) for t in per_task},
+                    "mean": float(sum(per_task.values()) / len(per_task)) if len(per_task) == len(TASKS) else math.nan}
+  chosen, over = {}, {}
+  for knob, names in KNOB_GROUPS.items():
+    ok = [n for n in names if not math.isnan(scores[n]["mean"])]
+    best = max(ok, key=lambda n: (scores[n]["mean"], n == "base"))  # ties keep the default
+    chosen[knob] = best
+    over.update(KNOBS[best])
+  result = {"scores": scores, "chosen": chosen, "overrides": over}
+  with open(os.path.join(out, "knobs.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  print("\nknobs (mean val200 top-1 over tasks at each variant's best lr): " +
+        ", ".join(f"{n} {100 * s['mean']:.2f}" for n, s in scores.items()) + f"\nchosen: {chosen} -> {over}",
+        flush=True)
+  return result
+
+
+def main_dir(out: str, knob_over: dict) -> str:
+  if not knob_over:
+    return os.path.join(out, "main")
+  tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in sorted(knob_over.items()))
+  return os.path.join(out, f"main_{tag}")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--out", default=os.path.join(REPO, "runs", "study_real"))
+  p.add_argument("--phase", choices=("all", "knobs", "main", "report"), default="all")
+  p.add_argument("--smoke", action="store_true", help="tiny random-init model: checks the pipeline only")
+  p.add_argument("--report_to", default=os.path.join(REPO, "benchmarks"),
+                 help="where real_backbone.md, the plot and results/real_backbone.json go")
+  args = p.parse_args(argv)
+  out = os.path.abspath(args.out)
+  os.makedirs(out, exist_ok=True)
+  # One XLA compilation cache for every run of the study (subprocesses inherit it): runs
+  # that differ only in the seed compile the same program.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out, "xla_cache"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+  times_path = os.path.join(out, "times.json")
+  times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+  common = dict(SMOKE if args.smoke else RECIPE)
+  common["data.root"] = os.path.join(SHARED, "data", "vtab1k")
+  if not args.smoke:
+    common["model.init_checkpoint"] = backbone(out)
+
+  def timed(name, fn):
+    t0 = time.time()
+    r = fn()
+    times[name] = times.get(name, 0.0) + time.time() - t0
+    with open(times_path, "w") as f:
+      json.dump(times, f, indent=2)
+    return r
+
+  knobs_path = os.path.join(out, "knobs.json")
+  if args.phase in ("all", "knobs"):
+    knobs = timed("knobs", lambda: knob_phase(out, common))
+  elif os.path.exists(knobs_path):
+    knobs = json.load(open(knobs_path))
+  else:
+    raise SystemExit(f"error: {knobs_path} not found: run --phase knobs first")
+  main_out = main_dir(out, knobs["overrides"])
+  rc = 0
+  if args.phase in ("all", "main"):
+    rc = timed("main", lambda: sweep(main_out, ROWS, {**common, **knobs["overrides"]}, []))
+  if args.phase in ("all", "report"):
+    import real_backbone_report
+    real_backbone_report.write(main_out, knobs, times, args.report_to, common if args.smoke else RECIPE, ROWS, TASKS,
+                               smoke=args.smoke)
+  return rc
+
+
+if __name__ == "__main__":
+  from dmlora_jax import hostmem
+  hostmem.reexec_with_hugepages()
+  sys.exit(main())
