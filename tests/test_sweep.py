@@ -278,3 +278,22 @@ def test_a_bad_row_grid_is_named(capsys):
   with pytest.raises(SystemExit):
     sweep.parse_args(["--out", "x", "--row_lrs", "fulll=1e-5"])
   assert "--row_lrs 'fulll=1e-5'" in capsys.readouterr().err
+
+
+def test_jobs_run_isolated_trainings_side_by_side_with_their_own_logs(tmp_path, capsys):
+  args = ["--out", str(tmp_path), "--tasks", "digits", "--rows", "lora", "--lrs", "1e-3,3e-3", "--seeds", "1",
+          "--extend_edges", "0", "--isolate", "--jobs", "2", "--config.data.source=demo"] + TINY
+  assert sweep.main(args) == 0
+  out = capsys.readouterr().out
+  lines = [l for l in out.splitlines() if l.startswith("[")]
+  # The second tune run started before the first one finished: two at a time.
+  assert lines[0].startswith("[1/3] lora/digits tune lr=0.001: running")
+  assert lines[1].startswith("[2/3] lora/digits tune lr=0.003: running")
+  assert "stage 1  loss" not in out  # a run's progress goes to its own log
+  for name in ("tune_lr0.001", "tune_lr0.003", "final_seed0"):
+    log = open(os.path.join(tmp_path, "lora", "digits", name, "train.log")).read()
+    assert "dmlora_jax: method=lora" in log
+  summary = json.load(open(os.path.join(tmp_path, "sweep.json")))
+  assert summary["counts"] == {"ran": 3, "skipped": 0, "failed": 0} and summary["finished"]
+  with pytest.raises(SystemExit):
+    sweep.parse_args(["--out", "x", "--jobs", "2"])  # --jobs needs --isolate
