@@ -12,7 +12,8 @@ import numpy as np
 from dmlora_jax import report as sweep_report
 
 PAIRS = (("dmlora", "lora"), ("dropout", "multibranch"), ("dmlora", "dropout"), ("multibranch", "lora"),
-         ("dropout", "lora"), ("lora", "linear"), ("full", "lora"))
+         ("dropout", "lora"), ("dmlora_block", "dropout"), ("dmlora", "dmlora_block"), ("lora", "linear"),
+         ("full", "lora"))
 
 
 def _pct(v) -> str:
@@ -77,27 +78,29 @@ def choice_table(selection: dict, rows, tasks) -> list[str]:
   return lines
 
 
-def stage2_table(main_out: str, tasks) -> tuple[list[str], dict]:
+def stage2_table(main_out: str, tasks, rows=("dmlora", "dmlora_block")) -> tuple[list[str], dict]:
   """Per stage-2 lr (tune runs): val200 and how far the scales moved (std and max |.| of log
   alpha_l / alpha over the modules)."""
-  data, lines = {}, ["| task | stage2.lr | val200 top-1 | stage-1-only val200 | std of log alpha_l | "
-                     "max abs log(alpha_l / alpha) | stage-2 loss first -> last logged |", "|---|---|---|---|---|---|---|"]
-  for t in tasks:
-    for path in sorted(glob.glob(os.path.join(main_out, "dmlora", t, "tune_lr*_s2lr*", "results.json")),
-                       key=lambda p: float(re.search(r"_s2lr([^/]+)", p).group(1))):
-      res = json.load(open(path))
-      s2 = res["config"]["stage2.lr"]
-      alpha = res["config"]["dmlora.alpha"]
-      logs = np.log(np.array(list(res["scales"].values())) / alpha)
-      src = os.path.join(res["config"]["stage2.init_from"], "results.json")
-      base = json.load(open(src))["accuracy"]["val200"] if os.path.exists(src) else None
-      curve = res.get("stage2_loss") or []
-      loss = f"{curve[0][1]:.3f} -> {curve[-1][1]:.3f}" if curve else ""
-      data.setdefault(t, {})[f"{s2:g}"] = {"val200": res["accuracy"]["val200"], "stage1_val200": base,
-                                             "std_log_alpha": float(logs.std()),
-                                             "max_abs_log_ratio": float(np.abs(logs).max()), "stage2_loss": curve}
-      lines.append(f"| {t} | {s2:g} | {_pct(res['accuracy']['val200'])} | {_pct(base)} | {logs.std():.4f} | "
-                   f"{np.abs(logs).max():.4f} | {loss} |")
+  data, lines = {}, ["| row | task | stage2.lr | val200 top-1 | stage-1-only val200 | std of log alpha_l | "
+                     "max abs log(alpha_l / alpha) | stage-2 loss first -> last logged |",
+                     "|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    for t in tasks:
+      paths = glob.glob(os.path.join(main_out, row, t, "tune_lr*_s2lr*", "results.json"))
+      for path in sorted(paths, key=lambda p: float(re.search(r"_s2lr([^/]+)", p).group(1))):
+        res = json.load(open(path))
+        s2 = res["config"]["stage2.lr"]
+        alpha = res["config"]["dmlora.alpha"]
+        logs = np.log(np.array(list(res["scales"].values())) / alpha)
+        src = os.path.join(res["config"]["stage2.init_from"], "results.json")
+        base = json.load(open(src))["accuracy"]["val200"] if os.path.exists(src) else None
+        curve = res.get("stage2_loss") or []
+        loss = f"{curve[0][1]:.3f} -> {curve[-1][1]:.3f}" if curve else ""
+        data.setdefault(row, {}).setdefault(t, {})[f"{s2:g}"] = {
+            "val200": res["accuracy"]["val200"], "stage1_val200": base, "std_log_alpha": float(logs.std()),
+            "max_abs_log_ratio": float(np.abs(logs).max()), "stage2_loss": curve}
+        lines.append(f"| {row} | {t} | {s2:g} | {_pct(res['accuracy']['val200'])} | {_pct(base)} | "
+                     f"{logs.std():.4f} | {np.abs(logs).max():.4f} | {loss} |")
   return lines, data
 
 

@@ -17,9 +17,9 @@ Phases (each resumes: finished runs are skipped, unfinished ones resume from che
    at an edge). Per knob, the value with the best val200 top-1 (at its best lr), averaged over
    the tasks, is kept; ties keep the default. Test is never read.
 2. main: the sweep of dmlora_jax.sweep with the chosen knobs: rows linear, lora, multibranch,
-   dropout, dmlora, full; each row's lr on val200 from its grid (ROW_LRS, extended at an
-   edge), dmlora's stage-2 lr from STAGE2_LRS on val200 (its stage 1 is the dropout row's),
-   then 3 seeds on test.
+   dropout, dmlora, dmlora_block (2S-LS with one scale per block), full; each row's lr on
+   val200 from its grid (ROW_LRS, extended at an edge), the dmlora rows' stage-2 lr from
+   STAGE2_LRS on val200 (their stage 1 is the dropout row's), then 3 seeds on test.
 3. report: benchmarks/real_backbone.md (tables: test top-1 mean ± std per row and task and
    the mean over tasks, paired differences with 95% intervals, the knob and lr choices, the
    2S-LS scales), benchmarks/results/real_backbone.json and benchmarks/real_backbone_scales.png.
@@ -45,7 +45,7 @@ sys.path.insert(0, REPO)
 
 SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))
 TASKS = ("cifar10", "cifar10_t5", "animal_mnist")
-ROWS = ("linear", "lora", "multibranch", "dropout", "dmlora", "full")
+ROWS = ("linear", "lora", "multibranch", "dropout", "dmlora", "dmlora_block", "full")
 LRS = (3e-4, 1e-3, 3e-3)  # the adapter rows; extended at an edge by the sweep
 ROW_LRS = {"full": (1e-5, 3e-5, 1e-4), "linear": (3e-3, 1e-2, 3e-2)}
 STAGE2_LRS = (1e-4, 1e-3, 1e-2, 1e-1)  # 1e-4 = "one tenth of stage 1" at stage1.lr 1e-3

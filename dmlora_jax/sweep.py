@@ -88,6 +88,8 @@ ROWS: dict[str, dict] = {
     "dropout": {"method": "dmlora", "stage2.epochs": 0},
     # The full method: branch dropout in stage 1, then the learned per-layer scales (2S-LS).
     "dmlora": {"method": "dmlora"},
+    # The same with one 2S-LS scale per encoder block instead of one per adapted module.
+    "dmlora_block": {"method": "dmlora", "stage2.granularity": "block"},
     # Reference rows, not ablations (not run unless asked for).
     "full": {"method": "full", "stage2.epochs": 0},
     "linear": {"method": "linear", "stage2.epochs": 0},
@@ -95,7 +97,7 @@ ROWS: dict[str, dict] = {
 DEFAULT_ROWS = ("dmlora", "lora", "multibranch", "dropout")
 # row -> the row whose stage 1 it continues: same stage-1 lr and checkpoints, only stage2.lr
 # is chosen (on val200, from --stage2_lrs).
-STAGE1_FROM = {"dmlora": "dropout"}
+STAGE1_FROM = {"dmlora": "dropout", "dmlora_block": "dropout"}
 
 # Keys that do not change what a run computes; a finished run made with other values of
 # these is still the same run (e.g. resumed on another machine with the data elsewhere).
@@ -389,17 +391,21 @@ class Sweep:
         self.count("skipped")
         self.say(f"{head}: done before, skipped ({_acc_str(done)})")
         return done if done is not None else {"accuracy": {}}
-      self.say(f"{head}: running in {wd}")
-      t = time.time()
       if self.args.isolate and self.args.jobs > 1:
-        cpus = self.slots.get()
+        cpus = self.slots.get()  # wait for a free share of the CPUs
         try:
+          self.say(f"{head}: running in {wd} (CPUs {','.join(map(str, sorted(cpus)))})")
+          t = time.time()
           res = _subprocess(self.bench.config_file, self.bench.task_arg, spec, self.overrides, wd, self.out, cpus)
         finally:
           self.slots.put(cpus)
       elif self.args.isolate:
+        self.say(f"{head}: running in {wd}")
+        t = time.time()
         res = _subprocess(self.bench.config_file, self.bench.task_arg, spec, self.overrides, wd, self.out)
       else:
+        self.say(f"{head}: running in {wd}")
+        t = time.time()
         res = _in_process(config, wd)
       if res is None:
         self.preempted = True
