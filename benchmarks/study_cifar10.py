@@ -10,9 +10,9 @@ r"""The proxy accuracy study: pre-train a small ViT on 5 CIFAR-10 classes, adapt
    report source accuracy. The backbone is exported to the public .npz layout
    (`<out>/backbone_mini4.npz`) with a zeroed head: the target classes are new, so the head
    must start from the usual zero init (load_pretrained would keep a 5-class head).
-2. `adapt`: configs/study_cifar10.py on ../shared/data/vtab1k/cifar10_t5 (dog, frog, horse,
+2. `adapt`: benchmarks/study_cifar10_config.py on ../shared/data/vtab1k/cifar10_t5 (dog, frog, horse,
    ship, truck; never seen in pre-training) through the regular trainer, for each row of
-   ROWS: the lr of LRS is chosen on val200 after training on train800 (seed 0), then that
+   row (a method): the lr of LRS is chosen on val200 after training on train800 (seed 0), then that
    lr trains on train800val200 and is scored on test for 3 seeds. Test is never used to choose.
 3. `report`: mean +- std of test top-1 over the seeds, per row.
 """
@@ -33,7 +33,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dmlora_jax import data, merge, npz, vit  # noqa: E402
+from dmlora_jax import data, npz, pytrees, vit  # noqa: E402
 
 SOURCE = os.path.join(REPO, "..", "shared", "data", "cifar10_source5.npz")
 
@@ -119,7 +119,7 @@ def pretrain(out: str, epochs: int | None = None) -> dict:
 
   os.makedirs(out, exist_ok=True)
   # The head is zeroed: the target classes are new (see the module docstring).
-  flat = merge.flatten(jax.device_get(params))
+  flat = pytrees.flatten(jax.device_get(params))
   flat = {k: (np.zeros_like(v) if k.startswith("head/") else np.asarray(v)) for k, v in flat.items()}
   path = os.path.join(out, "backbone_mini4.npz")
   npz.save_npz(path, flat)
@@ -134,7 +134,8 @@ def pretrain(out: str, epochs: int | None = None) -> dict:
 
 def _study_config():
   import importlib.util
-  spec = importlib.util.spec_from_file_location("study_config", os.path.join(REPO, "configs", "study_cifar10.py"))
+  spec = importlib.util.spec_from_file_location("study_config", os.path.join(REPO, "benchmarks",
+                                                                           "study_cifar10_config.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -147,7 +148,7 @@ def _run(cfg_mod, row: str, lr: float, seed: int, protocol: str, workdir: str, c
   if os.path.exists(done):
     with open(done) as f:
       return json.load(f)
-  c = cfg_mod.get_config(f"row={row},checkpoint={checkpoint}")
+  c = cfg_mod.get_config(f"method={row},checkpoint={checkpoint}")
   c.stage1.lr, c.seed, c.data.protocol = lr, seed, protocol
   return trainer.train_and_evaluate(c, workdir)
 

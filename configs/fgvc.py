@@ -23,14 +23,14 @@ Reproduces: the DMLoRA row of the FGVC table (published means for other methods 
 """
 
 from dmlora_jax import config_base
+from dmlora_jax.data import fgvc
 
-NUM_CLASSES = {"cub": 200, "nabirds": 555, "oxford_flowers": 102, "stanford_dogs": 120, "stanford_cars": 196}
 
 
 def get_config(arg=None):
   a = config_base.parse_arg(arg, dataset="cub", variant="B/16", method="dmlora", runlocal=False)
-  if a.dataset not in NUM_CLASSES:
-    raise ValueError(f"unknown FGVC dataset {a.dataset!r}; known: {', '.join(NUM_CLASSES)}")
+  if a.dataset not in fgvc.DATASETS:
+    raise ValueError(f"unknown FGVC dataset {a.dataset!r}; known: {', '.join(fgvc.DATASETS)}")
   c = config_base.get_base_config()
   c.method = a.method
   c.model.variant = a.variant
@@ -38,9 +38,7 @@ def get_config(arg=None):
   c.data.source = "fgvc_json"
   c.data.root = "data/fgvc"
   c.data.task = a.dataset
-  c.data.num_classes = NUM_CLASSES[a.dataset]
-  if a.method == "lora":
-    c.stage2.epochs = 0
+  c.data.num_classes = fgvc.DATASETS[a.dataset].num_classes
   if a.runlocal:
     config_base.apply_runlocal(c)
   return c

@@ -37,8 +37,6 @@ def get_config(arg=None):
   c.data.source = "vtab1k_folder"
   c.data.root = "data/vtab-1k"
   c.data.task = a.task
-  if a.method == "lora":
-    c.stage2.epochs = 0
   if a.runlocal:
     config_base.apply_runlocal(c)
   return c

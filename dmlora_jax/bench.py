@@ -38,10 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmlora_jax import config_base, hostmem, merge, partition, steps, trainer
+from dmlora_jax import config_base, hostmem, merge, methods, pytrees, setup, steps
 
-METHODS = ("full", "linear", "lora", "dmlora")
-PEER_LORA_IMAGES_PER_S = 8.96  # timm + PEFT LoRA, ViT-S/16 224 px, batch 32, 2 threads (PERF_NOTES.md)
 
 
 # ---- helpers ----
@@ -57,6 +55,8 @@ def _config(a: argparse.Namespace, method: str, num_branches: int, rank: int, dt
   c.dmlora.num_branches = max(num_branches, 1)
   c.dmlora.rank = rank
   c.dmlora.targets = tuple(a.targets.split(","))
+  c.dmlora.drop_schedule, c.dmlora.drop_end = "constant", 0.25  # the cost of a step does not depend on p
+  c.model.init_checkpoint = ""
   return c
 
 
@@ -125,27 +125,17 @@ class Row:
   def __init__(self, a: argparse.Namespace, method: str, num_branches: int, rank: int, dtype: str = "",
                remat: int = -1):
     self.a, self.method = a, method
-    c = self.config = _config(a, method, num_branches, rank, dtype, remat)
-    self.adapter = adapter = trainer.adapter_spec(c)
-    model = trainer.build_model(c, a.num_classes, adapter)
+    c = self.config = config_base.resolve(_config(a, method, num_branches, rank, dtype, remat))
+    s = setup.build(c, a.num_classes)  # the model and params exactly as a training run builds them
+    self.adapter, model = s.adapter, s.model
     n_dev = self.n_dev = jax.local_device_count()
     if a.batch_size % n_dev:
       raise ValueError(f"--batch_size {a.batch_size} is not divisible by the {n_dev} local devices")
-    x0 = jnp.zeros((1, a.image_size, a.image_size, 3), jnp.float32)
-    params = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.key(0), x0)["params"])
-    trainable, frozen = partition.split(params, partition.owned_labels(method))
-    self.counts = trainer.count(trainable), trainer.count(params)
-    tx, _ = partition.make_optimizer(method, 1, 1000, c)
-    mask_shape = None
-    if adapter is not None:
-      mask_shape = (model.cfg.depth, len(adapter.targets), adapter.num_branches)
-    drop = 0.25 if method == "dmlora" else 0.0  # the cost of a step does not depend on p
-    sc = steps.StepConfig(method=method, stage=1, normalization="imagenet", stage1_steps=1000,
-                          drop_schedule="constant", drop_start=drop, drop_end=drop, mask_shape=mask_shape,
-                          targets=tuple(adapter.targets) if adapter else ())
-    train = steps.pmap_train_step(steps.make_train_step(model, tx, sc))
-    self.state = steps.replicate(steps.TrainState(step=np.int32(0), trainable=trainable, frozen=frozen,
-                                                  opt_state=jax.tree.map(np.asarray, tx.init(trainable))))
+    self.counts = setup.count(s.trainable), setup.count(s.params)
+    plan = setup.Plan(steps_per_epoch=100, stage1_steps=1000, stage2_steps=0)
+    tx, _ = s.optimizer(1, plan)
+    train = steps.pmap_train_step(steps.make_train_step(model, tx, s.step_config(1, plan)))
+    self.state = steps.replicate(s.host_state(1, plan))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (a.batch_size, a.image_size, a.image_size, 3), dtype=np.uint8)
     labels = rng.integers(0, a.num_classes, (a.batch_size,), dtype=np.int32)
@@ -223,8 +213,8 @@ def _merged_vs_plain(a, c, state_dev, eval_batch, adapter_eval_c) -> dict:
   """Eval throughput of the merged params and of a plain ViT (adapter=None), interleaved
   so that load changes hit both alike, and the fingerprints of their programs."""
   host = steps.unreplicate(state_dev.replace(opt_state=None))
-  merged = merge.merge_params(partition.join(host.frozen, host.trainable))
-  plain_model = trainer.build_model(c, a.num_classes, None)
+  merged = merge.merge_params(pytrees.join(host.frozen, host.trainable))
+  plain_model = setup.build_model(c, a.num_classes)
   x0 = jnp.zeros((1, a.image_size, a.image_size, 3), jnp.float32)
   plain = jax.tree.map(np.asarray, jax.jit(plain_model.init)(jax.random.key(2), x0)["params"])
   ev = steps.pmap_eval_step(steps.make_eval_step(plain_model, "imagenet"))
@@ -266,8 +256,8 @@ def _runs(a) -> list[tuple]:
   lora_rank = a.lora_rank if a.lora_rank > 0 else k * r
   rows = []
   for m in a.methods.split(","):
-    if m not in METHODS:
-      raise ValueError(f"--methods: unknown method {m!r}; choose from {METHODS}")
+    if m not in methods.METHODS:
+      raise ValueError(f"--methods: unknown method {m!r}; choose from {', '.join(methods.METHODS)}")
     if m == "lora":
       rows.append(("lora", "lora", 1, lora_rank))
       if a.per_branch_lora and lora_rank != r:
@@ -322,41 +312,6 @@ def hardware() -> dict:
           "load_average_1_5_15": list(os.getloadavg())}
 
 
-def targets(res: dict, r: int) -> dict:
-  """The issue's targets, each {value, target, holds} where the rows it needs were measured."""
-  m = res["methods"]
-  out = {}
-
-  def add(name, value, target, holds):
-    out[name] = {"value": value, "target": target, "holds": bool(holds)}
-
-  if "dmlora" in m:
-    for row in (f"lora_r{r}", "lora"):
-      if row in m:
-        v = m["dmlora"]["train_step_s"] / m[row]["train_step_s"]
-        add(f"dmlora_step_over_{row}_step", v, "<= 1.05", v <= 1.05)
-  if "full" in m:
-    for row in ("lora", f"lora_r{r}", "dmlora"):
-      if row in m:
-        v = m[row]["train_step_s"] / m["full"]["train_step_s"]
-        add(f"{row}_step_over_full_step", v, "<= 0.72", v <= 0.72)
-    if "dmlora" in m:
-      v = m["dmlora"]["peak_memory_bytes"] / m["full"]["peak_memory_bytes"]
-      add("dmlora_peak_memory_over_full", v, "< 1", v < 1)
-  if "dmlora" in m:
-    d = m["dmlora"]
-    v = d["merged_over_plain_eval"]
-    add("merged_eval_over_plain_eval", v, "within 0.97..1.03", 0.97 <= v <= 1.03)
-    add("merged_is_plain_program", d["merged_is_plain_program"], "true", d["merged_is_plain_program"])
-    v = d["achieved_flops_per_s"] / res["matmul"]["flops_per_s"]
-    add("dmlora_train_flops_over_matmul", v, ">= 0.60", v >= 0.60)
-    st = res["settings"]
-    if (st["variant"], st["image_size"], st["batch_size"]) == ("S/16", 224, 32):  # the peer's workload only
-      add("dmlora_train_images_per_s", d["train_images_per_s"], f">= {PEER_LORA_IMAGES_PER_S} (PyTorch+PEFT LoRA)",
-          d["train_images_per_s"] >= PEER_LORA_IMAGES_PER_S)
-  return out
-
-
 def table(res: dict) -> str:
   ceil = res["matmul"]["flops_per_s"]
   lines = ["| row | K | rank | dtype | remat | trainable | total | train img/s | step s | eval img/s | compile s | "
@@ -375,12 +330,6 @@ def table(res: dict) -> str:
                  f"same program: {d['merged_is_plain_program']} "
                  f"(lowered {d['programs']['merged']['lowered_hlo_sha256']} vs "
                  f"{d['programs']['plain']['lowered_hlo_sha256']})")
-  if res["targets"]:
-    lines += ["", "| target | value | wanted | holds |", "| --- | --- | --- | --- |"]
-    for k, t in res["targets"].items():
-      v = t["value"]
-      lines.append(f"| {k} | {v:.3f} | {t['target']} | {'yes' if t['holds'] else 'NO'} |" if not isinstance(v, bool)
-                   else f"| {k} | {v} | {t['target']} | {'yes' if t['holds'] else 'NO'} |")
   return "\n".join(lines)
 
 
@@ -445,7 +394,6 @@ def main(argv=None) -> dict | None:
   for name, first in same.items():
     res["methods"][name] = dict(res["methods"][first], same_as=first)
   res["hardware"]["load_average_end"] = list(os.getloadavg())
-  res["targets"] = targets(res, a.rank)
   text = table(res)
   print(text)
   if a.json:

@@ -1,4 +1,5 @@
-"""Adapter-sized orbax checkpoints: the trained leaves, optimizer state, step and stage.
+"""Adapter-sized orbax checkpoints: the trained leaves, the optimizer state and a JSON meta
+(step, stage, fingerprints), each its own orbax item.
 
 The frozen backbone is not saved; a fingerprint of it is, and checked on resume. Written
 through a CheckpointManager with the `ocp.args` API. A damaged newest checkpoint (orbax
@@ -49,24 +50,26 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, tree: Any, meta: dict) -> None:
-    """tree: host numpy pytree (optax states may be namedtuples; stored as state dicts)."""
+  def save(self, step: int, items: dict[str, Any], meta: dict) -> None:
+    """items: named host numpy pytrees (optax states may be namedtuples; stored as state
+    dicts), each its own orbax item, so that a reader restores only what it needs."""
     if step in self.manager.all_steps():
       return
-    state = jax.tree.map(np.asarray, serialization.to_state_dict(tree))
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    args = {name: ocp.args.StandardSave(jax.tree.map(np.asarray, serialization.to_state_dict(tree)))
+            for name, tree in items.items()}
+    self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
     self.manager.wait_until_finished()
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
 
-  def restore_latest(self, target_for_meta: Callable[[dict], Any]) -> tuple[Any, dict] | None:
-    """Restores the newest usable checkpoint. target_for_meta(meta) gives the tree to restore
-    into (its structure depends on the stage). Returns (tree, meta) or None if none exists."""
+  def restore_latest(self, targets_for_meta: Callable[[dict], dict[str, Any]]) -> tuple[dict, dict] | None:
+    """Restores the newest usable checkpoint. targets_for_meta(meta) gives {item name: tree to
+    restore into} (their structure can depend on the stage; it may raise ResumeError to refuse
+    the checkpoint). Returns ({item name: tree}, meta), or None if there is no checkpoint."""
     for step in reversed(self.all_steps()):
       try:
-        return self.restore(step, target_for_meta)
+        return self.restore(step, targets_for_meta)
       except ResumeError:
         raise
       except Exception as e:  # orbax raises many types for missing/corrupt files
@@ -78,13 +81,14 @@ class Checkpointer:
         self._move_aside(step)
     return None
 
-  def restore(self, step: int, target_for_meta: Callable[[dict], Any]) -> tuple[Any, dict]:
-    """(tree, meta) of one step; target_for_meta(meta) may raise ResumeError to refuse it."""
+  def restore(self, step: int, targets_for_meta: Callable[[dict], dict[str, Any]]) -> tuple[dict, dict]:
+    """({item name: tree}, meta) of one step, only the items that targets_for_meta names."""
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    target = target_for_meta(meta)
-    abstract = jax.tree.map(np.asarray, serialization.to_state_dict(target))
-    got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return serialization.from_state_dict(target, got["state"]), meta
+    targets = targets_for_meta(meta)
+    args = {name: ocp.args.StandardRestore(jax.tree.map(np.asarray, serialization.to_state_dict(t)))
+            for name, t in targets.items()}
+    got = self.manager.restore(step, args=ocp.args.Composite(**args))
+    return {name: serialization.from_state_dict(t, got[name]) for name, t in targets.items()}, meta
 
   def _move_aside(self, step: int):
     if jax.process_index() == 0:

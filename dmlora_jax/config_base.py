@@ -1,9 +1,16 @@
-"""The shared default configuration that every file under `configs/` starts from.
+"""The configuration: the defaults every file under `configs/` starts from, the one check of
+a config before anything runs (`validate`), the dotted-key override (`override`), and the
+flat view and fingerprints that results.json and checkpoints record.
 
 Defaults follow the common VTAB-1k recipe (NOAH / FacT / RepAdapter; see
 ../shared/PROTOCOL.md): AdamW, lr 1e-3, weight decay 1e-4, batch 64, 100 epochs,
 cosine decay with 10 warm-up epochs, 224 px, ImageNet mean/std, seed 42.
 """
+
+import difflib
+import hashlib
+import json
+import os
 
 import ml_collections
 
@@ -14,7 +21,7 @@ ALL_TARGETS = ("query", "key", "value", "out", "Dense_0", "Dense_1")
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 42
-  c.method = "dmlora"  # dmlora | lora | full | linear
+  c.method = "dmlora"  # a name of methods.METHODS: full, linear, lora, multibranch, dropout, dmlora, dmlora_block
   c.batch_size = 64
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
@@ -113,4 +120,169 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.stage2.epochs = 1 if c.stage2.epochs else 0
   c.checkpoint_every = 20
   c.log_every = 5
+  return c
+
+
+class ConfigError(ValueError):
+  """A config value that cannot run; the message is one line naming the key and what is allowed."""
+
+
+# ---- overrides ----
+
+def parse_value(old, text: str):
+  """A command-line string as the type of the value it replaces."""
+  if isinstance(old, bool):
+    if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+      raise ValueError(f"expected a boolean, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+  if isinstance(old, int):
+    return int(text)
+  if isinstance(old, float):
+    return float(text)
+  if isinstance(old, (tuple, list)):
+    items = [s.strip() for s in text.strip("()[]").split(",") if s.strip()]
+    kind = type(old[0]) if old else str
+    return tuple(s.strip("'\"") if kind is str else kind(s) for s in items)
+  return text
+
+
+def override(config: ml_collections.ConfigDict, key: str, value) -> None:
+  """config[a.b.c] = value; a string value is parsed as the old value's type. An unknown key
+  is a ConfigError that names it (and the closest existing one)."""
+  parts = key.split(".")
+  node = config
+  for i, p in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(p, known, n=1)
+      hint = f" Did you mean {'.'.join(parts[:i] + close)}?" if close else ""
+      raise ConfigError(f"config.{key}: no such config key.{hint}")
+    if i < len(parts) - 1:
+      node = node[p]
+  last = parts[-1]
+  old = node[last]
+  if isinstance(value, str) and not isinstance(old, str) and old is not None:
+    try:
+      value = parse_value(old, value)
+    except ValueError as e:
+      raise ConfigError(f"config.{key}={value}: {e}") from None
+  node[last] = value
+
+
+# ---- the flat view and fingerprints ----
+
+def flatten(config) -> dict:
+  """{'a.b.c': value} with tuples as lists (as results.json holds it)."""
+  out = {}
+
+  def walk(prefix, node):
+    for k, v in node.items():
+      key = f"{prefix}{k}"
+      if isinstance(v, ml_collections.ConfigDict):
+        walk(key + ".", v)
+      else:
+        out[key] = list(v) if isinstance(v, tuple) else v
+  walk("", config)
+  return out
+
+
+# Config keys that do not change what stage 1 computes (paths, logging, threads). The base
+# weights are compared by their fingerprint, not by model.init_checkpoint's path.
+STAGE1_IRRELEVANT = ("data.root", "data.tfds_data_dir", "data.num_workers", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "model.init_checkpoint")
+
+
+def stage1_fingerprint(config) -> str:
+  """A hash of every config value that stage 1 depends on: everything but stage2.* and
+  STAGE1_IRRELEVANT, with the method as the method whose stage 1 it shares (dmlora's is
+  dropout's). Two runs with equal fingerprints train bit-identical stage 1s."""
+  from dmlora_jax import methods
+  flat = flatten(config)
+  used = {k: v for k, v in flat.items() if not k.startswith("stage2.") and k not in STAGE1_IRRELEVANT}
+  used["method"] = methods.get(config.method).stage1_key
+  return hashlib.sha256(json.dumps(used, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---- the one check ----
+
+def _one_of(key: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _check(ok: bool, key: str, value, wanted: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{key}={value!r}: {wanted}")
+
+
+def validate(config) -> None:
+  """Checks every value a run reads, before any data or checkpoint is read. Raises a
+  ConfigError whose one-line message names the key, the value and what is allowed."""
+  from dmlora_jax import methods, schedules, vit
+  from dmlora_jax.data import build
+  from dmlora_jax.data.normalize import MODES
+  c = config
+  _one_of("method", c.method, tuple(methods.METHODS))
+  method = methods.get(c.method)
+  try:
+    cfg = vit.parse_variant(c.model.variant, 1)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
+  _one_of("model.dtype", c.model.dtype, ("float32", "bfloat16"))
+  _check(0.0 <= c.model.drop_path < 1.0, "model.drop_path", c.model.drop_path, "must be in [0, 1)")
+  if c.model.init_checkpoint and not c.model.init_checkpoint.startswith("hf-hub:"):
+    _check(os.path.isfile(c.model.init_checkpoint), "model.init_checkpoint", c.model.init_checkpoint,
+           "no such file (empty = random init)")
+  _one_of("data.source", c.data.source, tuple(build.SOURCES))
+  _one_of("data.protocol", c.data.protocol, tuple(build.PROTOCOLS))
+  _one_of("data.normalization", c.data.normalization, MODES)
+  _check(c.data.image_size > 0 and c.data.image_size % cfg.patch_size == 0, "data.image_size", c.data.image_size,
+         f"must be a positive multiple of the patch size {cfg.patch_size} of model.variant={c.model.variant}")
+  _check(c.data.num_classes >= 0, "data.num_classes", c.data.num_classes, "must be >= 0 (0 = read from the task)")
+  _check(c.batch_size > 0, "batch_size", c.batch_size, "must be > 0")
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    _check(c[key] >= 1, key, c[key], "must be >= 1")
+  s1 = c.stage1
+  _check(s1.epochs >= 1, "stage1.epochs", s1.epochs, "must be >= 1")
+  _check(0 <= s1.warmup_epochs <= s1.epochs, "stage1.warmup_epochs", s1.warmup_epochs,
+         f"must be in [0, stage1.epochs={s1.epochs}]")
+  _check(s1.lr > 0, "stage1.lr", s1.lr, "must be > 0")
+  _check(0 < s1.min_lr <= s1.lr, "stage1.min_lr", s1.min_lr, f"must be in (0, stage1.lr={s1.lr}]")
+  _check(s1.weight_decay >= 0, "stage1.weight_decay", s1.weight_decay, "must be >= 0")
+  if method.branches != "none":
+    d = c.dmlora
+    _check(d.num_branches >= 1, "dmlora.num_branches", d.num_branches, "must be >= 1")
+    _check(d.rank >= 1, "dmlora.rank", d.rank, "must be >= 1")
+    _check(d.alpha > 0, "dmlora.alpha", d.alpha, "must be > 0 (the scales are stored as log alpha_l)")
+    bad = [t for t in d.targets if t not in ALL_TARGETS]
+    _check(bool(d.targets) and not bad, "dmlora.targets", tuple(d.targets),
+           f"unknown target(s) {bad or '(none given)'}; choose from {', '.join(ALL_TARGETS)}")
+    _one_of("dmlora.init", d.init, ("kaiming_uniform", "gaussian"))
+    k = 1 if method.branches == "one" else d.num_branches
+    if d.split_rank and k > 1:
+      _check(d.rank % d.num_branches == 0 and d.rank >= d.num_branches, "dmlora.split_rank", True,
+             f"rank {d.rank} is not divisible by num_branches {d.num_branches}")
+    if method.drop:
+      _one_of("dmlora.drop_schedule", d.drop_schedule, schedules.SCHEDULES)
+      for key in ("drop_start", "drop_end"):
+        _check(0.0 <= d[key] < 1.0, f"dmlora.{key}", d[key], "must be in [0, 1)")
+      if d.drop_schedule == "step":
+        _check(d.drop_steps >= 2, "dmlora.drop_steps", d.drop_steps, "must be >= 2 for the step schedule")
+      _check(0 <= d.min_active <= k, "dmlora.min_active", d.min_active, f"must be in [0, num_branches={k}]")
+  if method.two_stage and c.stage2.epochs:
+    s2 = c.stage2
+    _check(s2.epochs >= 0, "stage2.epochs", s2.epochs, "must be >= 0 (0 skips 2S-LS)")
+    _check(s2.lr > 0, "stage2.lr", s2.lr, "must be > 0 (or stage2.epochs=0 to skip 2S-LS)")
+    _one_of("stage2.granularity", s2.granularity, ("module", "block"))
+    _check(s2.head_lr_ratio > 0, "stage2.head_lr_ratio", s2.head_lr_ratio, "must be > 0")
+
+
+def resolve(config) -> ml_collections.ConfigDict:
+  """A validated copy of the config with the settings its method fixes applied (e.g.
+  dmlora_block's stage2.granularity=block)."""
+  from dmlora_jax import methods
+  validate(config)
+  c = config.copy_and_resolve_references()
+  for key, value in methods.get(c.method).settings:
+    override(c, key, value)
   return c

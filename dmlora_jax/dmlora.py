@@ -114,7 +114,7 @@ _BLOCK_INDEX = re.compile(r"encoderblock_(\d+)/")
 
 def branch_keep(params: Mapping[str, Any], masks_DxTxK: jax.Array | None,
                 targets: Sequence[str]) -> dict | None:
-  """The step's keep flags as a tree like `params` (nested), for `optim.masked_adamw`.
+  """The step's keep flags as a tree like `params` (nested), for `optimizers.masked_adamw`.
 
   masks: the (depth, len(targets), K) keep multipliers that the forward pass used. The
   leaves lora_a and lora_b of target t in block i get masks[i, t] > 0, shape (K,); every

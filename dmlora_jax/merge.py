@@ -2,28 +2,19 @@
 
     W' = W + (alpha_l / r) * sum_k A_k B_k      (x W convention; B_k A_k in torch's W x)
 
-with alpha_l = exp(lora_log_scale), computed in float32 whatever the storage dtype, then cast back to the kernel's dtype and
-reshaped to its checkpoint shape. The result has exactly the names and shapes of a public
+with alpha_l = exp(lora_log_scale), computed in float32 whatever the storage dtype, then
+cast back to the kernel's dtype and reshaped to its checkpoint shape. The result has exactly the names and shapes of a public
 ViT checkpoint and runs in the plain model with no adapter code.
 """
 
 from typing import Any, Mapping
 
 import jax.numpy as jnp
-from flax import traverse_util
 
 from dmlora_jax import dmlora
+from dmlora_jax.pytrees import flatten, unflatten
 
 Params = Mapping[str, Any]
-
-
-def flatten(params: Params) -> dict[str, Any]:
-  """Nested params -> {'a/b/c': leaf}."""
-  return traverse_util.flatten_dict(dict(params), sep="/")
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def adapted_modules(params: Params) -> list[str]:

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from dmlora_jax import dmlora
-from dmlora_jax.merge import flatten, unflatten
+from dmlora_jax.pytrees import flatten, unflatten
 
 POSEMB = "Transformer/posembed_input/pos_embedding"
 

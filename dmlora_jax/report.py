@@ -24,7 +24,8 @@ import sys
 
 import numpy as np
 
-from dmlora_jax.sweep import FGVC_TASKS, VTAB1K_GROUPS, VTAB1K_TASKS
+from dmlora_jax import methods
+from dmlora_jax.data import fgvc, vtab_tasks
 
 MEAN_GROUPS = "mean of group means"
 MEAN_TASKS = "mean over tasks"
@@ -112,7 +113,8 @@ def benchmark_of(sweep_dir: str, tasks) -> str:
     with open(os.path.join(sweep_dir, "sweep.json")) as f:
       return json.load(f)["benchmark"]
   except (FileNotFoundError, KeyError, json.JSONDecodeError):
-    return "fgvc" if any(t in FGVC_TASKS for t in tasks) and not any(t in VTAB1K_TASKS for t in tasks) else "vtab1k"
+    return "fgvc" if any(t in fgvc.DATASETS for t in tasks) and not any(t in vtab_tasks.TASKS for t in tasks) \
+      else "vtab1k"
 
 
 def _mean_if_complete(means: dict[str, float], tasks) -> float:
@@ -125,8 +127,8 @@ def table(runs: dict, benchmark: str) -> tuple[list[str], list[dict], list[str]]
   """Columns, rows (accuracies in %; our rows first, then the quoted ones) and the present
   tasks that are not part of the benchmark."""
   present = sorted({t for r in runs.values() for t in r})
-  bench_tasks = VTAB1K_TASKS if benchmark == "vtab1k" else FGVC_TASKS
-  groups = VTAB1K_GROUPS if benchmark == "vtab1k" else {}
+  bench_tasks = tuple(vtab_tasks.TASKS) if benchmark == "vtab1k" else tuple(fgvc.DATASETS)
+  groups = vtab_tasks.GROUPS if benchmark == "vtab1k" else {}
   extra = [t for t in present if t not in bench_tasks]
   task_cols = list(bench_tasks) + extra
   cols = ["method", "source"]
@@ -225,8 +227,9 @@ def _short(module: str) -> str:
 def plot_scales(runs: dict, path: str) -> bool:
   """Heatmap of alpha_l (mean over seeds): layers x tasks, for the 2S-LS row."""
   import matplotlib.pyplot as plt
-  row = next((r for r in ("dmlora",) + tuple(runs) if r in runs and any(x.get("scales") for rs in runs[r].values()
-                                                                         for x in rs)), None)
+  two_stage = [r for r in runs if r in methods.METHODS and methods.METHODS[r].two_stage]
+  row = next((r for r in two_stage + list(runs) if any(x.get("scales") for rs in runs[r].values() for x in rs)),
+             None)
   if row is None:
     return False
   tasks = sorted(runs[row])
@@ -254,7 +257,8 @@ def drop_curve(cfg: dict, stage1_steps: int, stage2_steps: int) -> tuple[np.ndar
   0 in stage 2 where every branch is active)."""
   from dmlora_jax.schedules import drop_probability
   t = np.arange(stage1_steps + stage2_steps)
-  if cfg.get("method") != "dmlora":
+  method = methods.METHODS.get(cfg.get("method"))
+  if method is None or not method.drop:
     return t, np.zeros(len(t))
   p = np.asarray(drop_probability(np.minimum(t, max(stage1_steps - 1, 0)), stage1_steps,
                                   cfg["dmlora.drop_schedule"], cfg["dmlora.drop_start"], cfg["dmlora.drop_end"],

@@ -8,7 +8,7 @@ The train step is a pure function `(state, batch, step_key) -> (state, metrics)`
 - p(t) is computed from `state.step` inside the compiled function: no recompilation.
 - Gradients are taken w.r.t. the leaves trained in this stage only, so the frozen weights'
   gradients are never computed (XLA sees no use for them), and averaged across devices.
-- The same masks reach the optimizer (`dmlora.branch_keep` -> `optim.masked_adamw`): a dropped
+- The same masks reach the optimizer (`dmlora.branch_keep` -> `optimizers.masked_adamw`): a dropped
   branch's lora_a, lora_b, Adam moments and step count leave the step bit-identical.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dmlora_jax import dmlora, optim, partition, schedules
+from dmlora_jax import dmlora, optimizers, partition, pytrees, schedules
 from dmlora_jax.data import normalize
 
 AXIS = "batch"
@@ -38,10 +38,11 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  method: str
-  stage: int
+  """What one stage's step does, as the method table and config say (setup.Setup.step_config)."""
+  trained: frozenset  # the partition labels that receive gradients in this stage
   normalization: str
   stage1_steps: int
+  drop: bool = False  # branch dropout in this step (stage 1 of a dropout method)
   drop_schedule: str = "linear"
   drop_start: float = 0.0
   drop_end: float = 0.0
@@ -50,7 +51,6 @@ class StepConfig:
   rescale: bool = True
   mask_shape: tuple[int, ...] | None = None  # (depth, num_targets, K); None = no adapter
   targets: tuple[str, ...] = ()  # the adapted projections, in the order of the masks' axis 1
-  stage2_train_head: bool = False
 
   def __post_init__(self):
     if self.mask_shape is not None and len(self.targets) != self.mask_shape[1]:
@@ -59,7 +59,7 @@ class StepConfig:
 
   @property
   def uses_masks(self) -> bool:
-    return self.mask_shape is not None and self.stage == 1 and self.method == "dmlora"
+    return self.drop and self.mask_shape is not None
 
 
 def drop_probability(sc: StepConfig, step) -> jax.Array:
@@ -76,7 +76,7 @@ def device_key(step_key: jax.Array, axis_name: str = AXIS) -> jax.Array:
 
 def make_train_step(model, tx: optax.GradientTransformation, sc: StepConfig, axis_name: str = AXIS) -> Callable:
   """The per-device step; run it under pmap or shard_map with `axis_name`."""
-  trained = partition.trained_labels(sc.method, sc.stage, sc.stage2_train_head)
+  trained = sc.trained
   tx = optax.with_extra_args_support(tx)  # a plain optax optimizer ignores the keep= flags
 
   def step_fn(state: TrainState, batch: dict, step_key: jax.Array):
@@ -93,7 +93,7 @@ def make_train_step(model, tx: optax.GradientTransformation, sc: StepConfig, axi
     rngs = {"drop_path": device_key(step_key, axis_name)}
 
     def loss_fn(diff):
-      params = partition.join(state.frozen, held, diff)
+      params = pytrees.join(state.frozen, held, diff)
       logits = model.apply({"params": params}, images, masks, train=True, rngs=rngs).astype(jnp.float32)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       return loss, logits
@@ -102,13 +102,13 @@ def make_train_step(model, tx: optax.GradientTransformation, sc: StepConfig, axi
     grads = jax.lax.pmean(grads, axis_name)
     # multi_transform wants the whole owned tree; the held leaves get zero updates and
     # are not touched below, so they stay bit-identical.
-    full_grads = partition.join(jax.tree.map(jnp.zeros_like, held), grads)
+    full_grads = pytrees.join(jax.tree.map(jnp.zeros_like, held), grads)
     keep = dmlora.branch_keep(state.trainable, masks, sc.targets)
     extra = {} if keep is None else {"keep": keep}
     updates, opt_state = tx.update(full_grads, state.opt_state, state.trainable, **extra)
     upd_diff, _ = partition.split(updates, trained)
     keep_diff = None if keep is None else partition.split(keep, trained)[0]
-    trainable = partition.join(held, optim.apply_kept_updates(diff, upd_diff, keep_diff))
+    trainable = pytrees.join(held, optimizers.apply_kept_updates(diff, upd_diff, keep_diff))
     metrics = {
         # The step's keep multipliers (device-invariant by construction; tests compare devices).
         "masks": masks if masks is not None else jnp.zeros((0,), jnp.float32),
@@ -125,7 +125,7 @@ def make_eval_step(model, normalization: str, axis_name: str = AXIS) -> Callable
   """Per-device eval: all branches, no rescale. Returns (correct, count) summed over devices."""
 
   def eval_fn(state: TrainState, batch: dict):
-    params = partition.join(state.frozen, state.trainable)
+    params = pytrees.join(state.frozen, state.trainable)
     logits = model.apply({"params": params}, normalize(batch["image"], normalization))
     hit = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * batch["mask"]
     return jax.lax.psum(hit.sum(), axis_name), jax.lax.psum(batch["mask"].sum(), axis_name)

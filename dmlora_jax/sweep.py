@@ -50,18 +50,10 @@ import traceback
 
 import ml_collections
 
+from dmlora_jax import config_base, methods
+from dmlora_jax.data import fgvc, vtab_tasks
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# VTAB-1k tasks by group (../shared/PROTOCOL.md), in the order of published tables.
-VTAB1K_GROUPS = {
-    "Natural": ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
-    "Specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
-    "Structured": ("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
-                   "smallnorb_azi", "smallnorb_ele"),
-}
-VTAB1K_TASKS = tuple(t for g in VTAB1K_GROUPS.values() for t in g)
-FGVC_TASKS = ("cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars")
-
 
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
@@ -71,33 +63,17 @@ class Benchmark:
 
 
 BENCHMARKS = {
-    "vtab1k": Benchmark("configs/vtab1k.py", "task", VTAB1K_TASKS),
-    "fgvc": Benchmark("configs/fgvc.py", "dataset", FGVC_TASKS),
+    "vtab1k": Benchmark("configs/vtab1k.py", "task", tuple(vtab_tasks.TASKS)),
+    "fgvc": Benchmark("configs/fgvc.py", "dataset", tuple(fgvc.DATASETS)),
 }
 
-# The ablation rows: name -> config overrides (applied after the command line's, so a row
-# always means what its name says).
-ROWS: dict[str, dict] = {
-    # Plain LoRA: one branch (K=1), no branch dropout, no stage 2; the scale stays at alpha.
-    "lora": {"method": "lora", "stage2.epochs": 0},
-    # K branches trained together, none ever dropped (p(t) = 0), no 2S-LS: isolates what
-    # the branch count alone gives over LoRA.
-    "multibranch": {"method": "dmlora", "dmlora.drop_start": 0.0, "dmlora.drop_end": 0.0, "stage2.epochs": 0},
-    # K branches with the branch-drop schedule p(t), no 2S-LS ("without 2S-LS"): isolates
-    # what dropout adds over plain multi-branch.
-    "dropout": {"method": "dmlora", "stage2.epochs": 0},
-    # The full method: branch dropout in stage 1, then the learned per-layer scales (2S-LS).
-    "dmlora": {"method": "dmlora"},
-    # The same with one 2S-LS scale per encoder block instead of one per adapted module.
-    "dmlora_block": {"method": "dmlora", "stage2.granularity": "block"},
-    # Reference rows, not ablations (not run unless asked for).
-    "full": {"method": "full", "stage2.epochs": 0},
-    "linear": {"method": "linear", "stage2.epochs": 0},
-}
+# The rows are the methods of methods.py (each row is one config.method); the ablation rows
+# of DMLoRA are lora, multibranch, dropout and dmlora.
+ROWS = tuple(methods.METHODS)
 DEFAULT_ROWS = ("dmlora", "lora", "multibranch", "dropout")
 # row -> the row whose stage 1 it continues: same stage-1 lr and checkpoints, only stage2.lr
 # is chosen (on val200, from --stage2_lrs).
-STAGE1_FROM = {"dmlora": "dropout", "dmlora_block": "dropout"}
+STAGE1_FROM = {r: methods.continues_stage1(r) for r in ROWS if methods.continues_stage1(r)}
 
 # Keys that do not change what a run computes; a finished run made with other values of
 # these is still the same run (e.g. resumed on another machine with the data elsewhere).
@@ -122,50 +98,9 @@ def load_config(benchmark: Benchmark, task: str) -> ml_collections.ConfigDict:
   return module.get_config(f"{benchmark.task_arg}={task}")
 
 
-def parse_value(old, text: str):
-  """A command-line string as the type of the value it replaces."""
-  if isinstance(old, bool):
-    if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-      raise ValueError(f"expected a boolean, got {text!r}")
-    return text.lower() in ("1", "true", "yes")
-  if isinstance(old, int):
-    return int(text)
-  if isinstance(old, float):
-    return float(text)
-  if isinstance(old, (tuple, list)):
-    items = [s.strip() for s in text.strip("()[]").split(",") if s.strip()]
-    kind = type(old[0]) if old else str
-    return tuple(s.strip("'\"") if kind is str else kind(s) for s in items)
-  return text
-
-
-def set_key(config: ml_collections.ConfigDict, key: str, value) -> None:
-  """config[a.b.c] = value; a string value is parsed as the old value's type. Unknown keys
-  are an error that names the key (and the closest existing one)."""
-  parts = key.split(".")
-  node = config
-  for i, p in enumerate(parts):
-    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      close = difflib.get_close_matches(p, known, n=1)
-      hint = f" Did you mean {'.'.join(parts[:i] + close)}?" if close else ""
-      raise SweepError(f"--config.{key}: no such config key.{hint}")
-    if i < len(parts) - 1:
-      node = node[p]
-  last = parts[-1]
-  old = node[last]
-  if isinstance(value, str) and not isinstance(old, str) and old is not None:
-    try:
-      value = parse_value(old, value)
-    except ValueError as e:
-      raise SweepError(f"--config.{key}={value}: {e}") from None
-  node[last] = value
-
-
 def flatten(config) -> dict:
-  """results.json's "config" as it reads back from JSON (the trainer's own flattening)."""
-  from dmlora_jax import trainer  # lazy, as in _train
-  return json.loads(json.dumps(trainer.flatten_config(config)))
+  """results.json's "config" as it reads back from JSON."""
+  return json.loads(json.dumps(config_base.flatten(config)))
 
 
 def fmt_lr(lr: float) -> str:
@@ -207,9 +142,8 @@ class RunSpec:
 def run_overrides(spec: RunSpec, out: str | None = None) -> dict:
   """The row's overrides + this run's lr(s), seed, protocol and stage-1 source (a workdir
   under `out`, for the rows of STAGE1_FROM)."""
-  over = dict(ROWS[spec.row])
-  over.update({"stage1.lr": float(spec.lr), "seed": int(spec.seed),
-               "data.protocol": "tune" if spec.kind == "tune" else "final"})
+  over = {"method": spec.row, "stage1.lr": float(spec.lr), "seed": int(spec.seed),
+          "data.protocol": "tune" if spec.kind == "tune" else "final"}
   if spec.stage2_lr is not None:
     over["stage2.lr"] = float(spec.stage2_lr)
   src = spec.stage1_source()
@@ -223,9 +157,9 @@ def run_config(base: ml_collections.ConfigDict, overrides: dict, spec: RunSpec,
   """base + command-line overrides + the row's overrides + this run's lr, seed and protocol."""
   c = base.copy_and_resolve_references()
   for k, v in overrides.items():
-    set_key(c, k, v)
+    config_base.override(c, k, v)
   for k, v in run_overrides(spec, out).items():
-    set_key(c, k, v)
+    config_base.override(c, k, v)
   return c
 
 
@@ -544,7 +478,7 @@ class Sweep:
         "lrs": list(self.args.lrs), "row_lrs": {r: list(v) for r, v in self.args.row_lrs.items()},
         "stage2_lrs": list(self.args.stage2_lrs), "extend_edges": self.args.extend_edges,
         "seeds": list(self.args.seeds), "tune_seed": self.args.tune_seed, "tune_only": self.args.tune_only,
-        "overrides": self.overrides, "row_overrides": {r: ROWS[r] for r in self.args.rows},
+        "overrides": self.overrides,
         "stage1_from": {r: STAGE1_FROM[r] for r in self.args.rows if r in STAGE1_FROM},
         "selection": self.selection,
         "counts": self.counts, "failed": self.failed, "preempted": self.preempted,
@@ -695,9 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     for task in args.tasks:
       for row in args.rows:
         s2 = args.stage2_lrs[0] if row in STAGE1_FROM else None
-        run_config(load_config(BENCHMARKS[args.benchmark], task), overrides,
-                   RunSpec(row, task, "tune", args.lrs[0], stage2_lr=s2), args.out)
-  except (SweepError, ValueError) as e:  # ValueError: a config file rejecting its argument
+        config_base.validate(run_config(load_config(BENCHMARKS[args.benchmark], task), overrides,
+                                        RunSpec(row, task, "tune", args.lrs[0], stage2_lr=s2), args.out))
+  except (SweepError, ValueError) as e:  # ConfigError, or a config file rejecting its argument
     print(f"error: {e}", file=sys.stderr)
     return 2
   from absl import logging

@@ -9,17 +9,16 @@ Names and shapes are those of the google-research/vision_transformer checkpoints
     LayerNorm_2, MlpBlock_3/Dense_{0,1}/{kernel, bias},
     Transformer/encoder_norm, [pre_logits], head.
 
-With an `AdapterSpec`, every targeted projection also holds the DMLoRA leaves
-`lora_a` (K, d_in, r), `lora_b` (K, r, d_out) and `lora_log_scale` () = log alpha_l, in its matrix view;
-the stored kernels keep their checkpoint shapes. Without one, the same code is a plain
-ViT (no adapter code runs), which is what a merged export is run with.
+With an `AdapterSpec`, every targeted projection also holds the DMLoRA leaves `lora_a`
+(K, d_in, r), `lora_b` (K, r, d_out) and `lora_log_scale` () = log alpha_l, in its matrix
+view; the stored kernels keep their checkpoint shapes. Without one, the same code is a
+plain ViT (no adapter code runs), which is what a merged export is run with.
 
-The computation is laid out for speed on XLA (CPU in particular): the patch embedding is
-a reshape + matmul, q/k/v are one fused matmul, attention runs as batched matmuls over
-(batch*heads, tokens, head_dim) with the 1/sqrt(head_dim) scale on q, the tanh GELU has a
-custom VJP that keeps only its input for the backward pass, and (in float32) the encoder
-blocks' LayerNorm affines are folded into the weights of the projections that follow
-(benchmarks/README.md).
+The module reads top-down: the model (ViT), its parts, then the projection helpers. The
+computation is laid out for speed on XLA (CPU in particular): the patch embedding is a
+reshape + matmul, q/k/v are one fused matmul, and attention runs as batched matmuls over
+(batch*heads, tokens, head_dim) with the 1/sqrt(head_dim) scale on q; the kernels with a
+hand-written backward pass and the LayerNorm fold are in kernels.py, with their reasons.
 """
 
 import dataclasses
@@ -31,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmlora_jax import dmlora
+from dmlora_jax import dmlora, kernels
 
 # name -> (width, depth, heads, mlp_dim)
 VARIANTS = {
@@ -44,6 +43,8 @@ VARIANTS = {
     "L": (1024, 24, 16, 4096),
     "H": (1280, 32, 16, 5120),
 }
+
+
 LN_EPS = 1e-6
 
 
@@ -80,72 +81,154 @@ def parse_variant(variant: str, num_classes: int, **kwargs) -> ViTConfig:
   return ViTConfig(width, depth, heads, mlp, int(m.group(2)), num_classes, **kwargs)
 
 
-@jax.custom_vjp
-def gelu_tanh(x: jax.Array) -> jax.Array:
-  """tanh-approximate GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), that saves only x.
+class ViT(nn.Module):
+  """ViT classifier on the class token.
 
-  Autodiff of the formula keeps x^2, x^3 and tanh(.) of the (B, T, mlp_dim) activation for
-  the backward pass, so XLA CPU writes and re-reads several activation-sized tensors; here
-  the forward is one elementwise pass and the backward recomputes tanh from x in one pass.
+  __call__(images_BxHxWx3 float, branch_masks=None, train=False) -> logits (B, num_classes).
+  branch_masks: (depth, len(adapter.targets), K) keep multipliers; None = all branches, no
+  rescale (evaluation). train=True enables drop-path (cfg.drop_path > 0 needs a 'drop_path'
+  rng).
   """
-  return jax.nn.gelu(x, approximate=True)
+  cfg: ViTConfig
+  adapter: dmlora.AdapterSpec | None = None
+
+  @nn.compact
+  def __call__(self, images, branch_masks=None, train: bool = False):
+    c = self.cfg
+    b, hh, ww, ch = images.shape
+    p = c.patch_size
+    if hh % p or ww % p:
+      raise ValueError(f"image size {hh}x{ww} is not a multiple of the patch size {p}")
+    gh, gw = hh // p, ww // p
+    # Patch embedding as reshape + matmul: same maths as the stride-P conv, faster on CPU.
+    patches = images.reshape(b, gh, p, gw, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * ch)
+    emb = Embedding(c, name="embedding")(patches, ch)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, c.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c.width)).astype(emb.dtype), emb], axis=1)
+    x = Transformer(c, self.adapter, name="Transformer")(x.astype(jnp.float32), branch_masks, train)
+    x = x[:, 0]
+    if c.representation_size:
+      x = jnp.tanh(nn.Dense(c.representation_size, name="pre_logits")(x))
+    return nn.Dense(c.num_classes, name="head", kernel_init=nn.initializers.zeros)(x)
 
 
-def _gelu_tanh_fwd(x):
-  return jax.nn.gelu(x, approximate=True), x
+class Embedding(nn.Module):
+  cfg: ViTConfig
+
+  @nn.compact
+  def __call__(self, patches_BxNxF, channels):
+    c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    p = c.patch_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+                        (p, p, channels, c.width))
+    bias = self.param("bias", nn.initializers.zeros, (c.width,))
+    return jnp.dot(patches_BxNxF.astype(dt), kernel.reshape(p * p * channels, c.width).astype(dt)) + bias.astype(dt)
 
 
-def _gelu_tanh_bwd(x, g):
-  c = math.sqrt(2.0 / math.pi)
-  x2 = x * x
-  t = jnp.tanh(c * (x + 0.044715 * x2 * x))
-  dt = c * (1.0 + 3 * 0.044715 * x2)
-  return (g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt),)
+class PosEmbed(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
 
 
-gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+class Transformer(nn.Module):
+  cfg: ViTConfig
+  adapter: dmlora.AdapterSpec | None
+
+  @nn.compact
+  def __call__(self, x, masks, train: bool = False):
+    x = PosEmbed(name="posembed_input")(x)
+    block_cls = nn.remat(EncoderBlock) if self.cfg.remat else EncoderBlock
+    for i in range(self.cfg.depth):
+      m = None if masks is None else masks[i]
+      rate = self.cfg.drop_path * i / max(self.cfg.depth - 1, 1) if train else 0.0
+      x = block_cls(self.cfg, self.adapter, drop_path=rate, name=f"encoderblock_{i}")(x, m)
+    return LayerNorm(name="encoder_norm")(x)
 
 
-@jax.custom_vjp
-def attention(q_NxTxD: jax.Array, k_NxTxD: jax.Array, v_NxTxD: jax.Array) -> jax.Array:
-  """softmax(q k^T) v over (batch*heads, tokens, head_dim), softmax in float32.
+class EncoderBlock(nn.Module):
+  cfg: ViTConfig
+  adapter: dmlora.AdapterSpec | None
+  drop_path: float = 0.0  # this block's rate; 0 or deterministic = identity
 
-  The forward pass keeps the unnormalised e = exp(s - max s) and divides the (N, T, Dh)
-  output by the row sums instead of the (N, T, T) weights, which saves a pass over the
-  largest tensor. The backward pass uses rowsum(P * dP) = rowsum(dO * O), so that the
-  (N, T, T) gradient is one elementwise pass over the dO V^T product.
-  """
-  return _attention_fwd(q_NxTxD, k_NxTxD, v_NxTxD)[0]
+  @nn.compact
+  def __call__(self, x, masks):
+    y, affine = self._norm("LayerNorm_0", x)
+    y = MultiHeadDotProductAttention(self.cfg, self.adapter, name="MultiHeadDotProductAttention_1")(y, masks, affine)
+    x = x + self._drop_path(y.astype(x.dtype))
+    y, affine = self._norm("LayerNorm_2", x)
+    y = MlpBlock(self.cfg, self.adapter, name="MlpBlock_3")(y, masks, affine)
+    return x + self._drop_path(y.astype(x.dtype))
 
+  def _norm(self, name, x):
+    """(LayerNorm output, None), or in float32 compute (x_hat, (scale, bias)) for the next
+    projections to fold in: measured faster in float32 on XLA CPU, slower in bfloat16."""
+    if jnp.dtype(self.cfg.dtype) == jnp.float32:
+      return LayerNorm(name=name)(x, affine=False)
+    return LayerNorm(name=name)(x), None
 
-def _attention_fwd(q, k, v):
-  s = jnp.einsum("nqd,nkd->nqk", q, k).astype(jnp.float32)
-  e = jnp.exp(s - s.max(-1, keepdims=True))
-  r = 1.0 / e.sum(-1, keepdims=True)  # (N, T, 1)
-  o = (jnp.einsum("nqk,nkd->nqd", e.astype(v.dtype), v).astype(jnp.float32) * r).astype(v.dtype)
-  return o, (q, k, v, e, r, o)
-
-
-def _attention_bwd(res, do):
-  q, k, v, e, r, o = res
-  dt = v.dtype
-  do_r = (do.astype(jnp.float32) * r).astype(dt)  # dO / rowsum
-  dv = jnp.einsum("nqk,nqd->nkd", e.astype(dt), do_r)  # P^T dO
-  dp_r = jnp.einsum("nqd,nkd->nqk", do_r, v).astype(jnp.float32)  # (dO V^T) / rowsum
-  delta_r = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1, keepdims=True) * r
-  ds = (e * (dp_r - delta_r)).astype(dt)  # P * (dP - rowsum(dO * O))
-  dq = jnp.einsum("nqk,nkd->nqd", ds, k)
-  dk = jnp.einsum("nqk,nqd->nkd", ds, q)
-  return dq, dk, dv
+  def _drop_path(self, y_BxTxD):
+    """Per-example stochastic depth of a residual branch, kept ones scaled by 1/(1-rate)."""
+    if self.drop_path <= 0.0:
+      return y_BxTxD
+    keep = jax.random.bernoulli(self.make_rng("drop_path"), 1.0 - self.drop_path, (y_BxTxD.shape[0], 1, 1))
+    return y_BxTxD * keep.astype(y_BxTxD.dtype) / (1.0 - self.drop_path)
 
 
-attention.defvjp(_attention_fwd, _attention_bwd)
+class MultiHeadDotProductAttention(nn.Module):
+  cfg: ViTConfig
+  adapter: dmlora.AdapterSpec | None
+
+  @nn.compact
+  def __call__(self, x_BxTxD, masks, ln_affine=None):
+    c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    b, t, d = x_BxTxD.shape
+    h, dh = c.num_heads, c.head_dim
+    mask = {n: _mask_for(self.adapter, masks, n) for n in ("query", "key", "value", "out")}
+    projs = {}
+    for name in ("query", "key", "value"):
+      proj = Projection((d,), (h, dh), _adapter_for(self.adapter, name), name=name)()
+      projs[name] = kernels.fold_affine(proj, ln_affine, mask[name])
+    projs["out"] = Projection((h, dh), (d,), _adapter_for(self.adapter, "out"), name="out")()
+
+    # One fused matmul for the frozen q/k/v kernels; the adapters add their low-rank parts.
+    w_qkv = jnp.concatenate([projs[n][0] for n in ("query", "key", "value")], axis=1)
+    b_qkv = jnp.concatenate([projs[n][1] for n in ("query", "key", "value")])
+    qkv = jnp.dot(x_BxTxD.astype(dt), w_qkv.astype(dt)) + b_qkv.astype(dt)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    qkv = [q, k, v]
+    for i, name in enumerate(("query", "key", "value")):
+      lora = projs[name][2]
+      if lora is not None:
+        qkv[i] = qkv[i] + dmlora.lora_delta(x_BxTxD, *lora, mask_K=mask[name], dtype=dt)
+
+    def heads(y):  # (B, T, H*Dh) -> (B*H, T, Dh)
+      return y.reshape(b, t, h, dh).transpose(0, 2, 1, 3).reshape(b * h, t, dh)
+
+    q, k, v = (heads(y) for y in qkv)
+    # Scaling q (B*H*T*Dh values, fused into the head transpose) instead of the logits
+    # (B*H*T*T values, a separate pass on CPU) saves one pass over the largest tensor.
+    q = q * jnp.asarray(1.0 / math.sqrt(dh), dt)
+    o = kernels.attention(q, k, v)
+    o = o.reshape(b, h, t, dh).transpose(0, 2, 1, 3).reshape(b, t, h * dh)
+    return _dense(o, projs["out"], mask["out"], dt)
 
 
-def _gelu(approximate: bool) -> Callable:
-  if approximate:
-    return gelu_tanh
-  return lambda x: jax.nn.gelu(x, approximate=False)
+class MlpBlock(nn.Module):
+  cfg: ViTConfig
+  adapter: dmlora.AdapterSpec | None
+
+  @nn.compact
+  def __call__(self, x_BxTxD, masks, ln_affine=None):
+    c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    d = x_BxTxD.shape[-1]
+
+    mask0 = _mask_for(self.adapter, masks, "Dense_0")
+    p0 = Projection((d,), (c.mlp_dim,), _adapter_for(self.adapter, "Dense_0"), name="Dense_0")()
+    p0 = kernels.fold_affine(p0, ln_affine, mask0)
+    p1 = Projection((c.mlp_dim,), (d,), _adapter_for(self.adapter, "Dense_1"), name="Dense_1")()
+    y = _gelu(c.gelu_approximate)(_dense(x_BxTxD, p0, mask0, dt))
+    return _dense(y, p1, _mask_for(self.adapter, masks, "Dense_1"), dt)
 
 
 class Projection(nn.Module):
@@ -195,6 +278,12 @@ def _dense(x, proj, mask, dtype):
   return y
 
 
+def _gelu(approximate: bool) -> Callable:
+  if approximate:
+    return kernels.gelu_tanh
+  return lambda x: jax.nn.gelu(x, approximate=False)
+
+
 class LayerNorm(nn.Module):
   """LayerNorm in float32 with the checkpoint's eps; the names are scale and bias.
 
@@ -214,175 +303,3 @@ class LayerNorm(nn.Module):
     if not affine:
       return x_hat, (scale, bias)
     return x_hat * scale + bias
-
-
-def fold_affine(proj, scale_bias, mask):
-  """A projection of (x_hat * scale + bias) rewritten as a projection of x_hat.
-
-  x W + b with x = x_hat * g + beta is x_hat (g[:, None] W) + (beta W + b), and an adapter's
-  x A m B is x_hat (g[:, None] A) m B + beta A m B. The rewrite costs weight-sized work
-  instead of activation-sized: applied to the (B, T, D) activation, XLA CPU wrote g and beta
-  out at activation shape for its fused kernels, forward and backward (benchmarks/README.md).
-  """
-  if scale_bias is None:
-    return proj
-  kernel, bias, lora = proj
-  g, beta = scale_bias
-  bias = bias + beta @ kernel
-  kernel = g[:, None] * kernel
-  if lora is not None:
-    a, b, s = lora
-    bias = bias + dmlora.lora_delta(beta[None], a, b, s, mask_K=mask)[0]
-    lora = (a * g[None, :, None], b, s)
-  return kernel, bias, lora
-
-
-class MultiHeadDotProductAttention(nn.Module):
-  cfg: ViTConfig
-  adapter: dmlora.AdapterSpec | None
-
-  @nn.compact
-  def __call__(self, x_BxTxD, masks, ln_affine=None):
-    c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    b, t, d = x_BxTxD.shape
-    h, dh = c.num_heads, c.head_dim
-    mask = {n: _mask_for(self.adapter, masks, n) for n in ("query", "key", "value", "out")}
-    projs = {}
-    for name in ("query", "key", "value"):
-      proj = Projection((d,), (h, dh), _adapter_for(self.adapter, name), name=name)()
-      projs[name] = fold_affine(proj, ln_affine, mask[name])
-    projs["out"] = Projection((h, dh), (d,), _adapter_for(self.adapter, "out"), name="out")()
-
-    # One fused matmul for the frozen q/k/v kernels; the adapters add their low-rank parts.
-    w_qkv = jnp.concatenate([projs[n][0] for n in ("query", "key", "value")], axis=1)
-    b_qkv = jnp.concatenate([projs[n][1] for n in ("query", "key", "value")])
-    qkv = jnp.dot(x_BxTxD.astype(dt), w_qkv.astype(dt)) + b_qkv.astype(dt)
-    q, k, v = jnp.split(qkv, 3, axis=-1)
-    qkv = [q, k, v]
-    for i, name in enumerate(("query", "key", "value")):
-      lora = projs[name][2]
-      if lora is not None:
-        qkv[i] = qkv[i] + dmlora.lora_delta(x_BxTxD, *lora, mask_K=mask[name], dtype=dt)
-
-    def heads(y):  # (B, T, H*Dh) -> (B*H, T, Dh)
-      return y.reshape(b, t, h, dh).transpose(0, 2, 1, 3).reshape(b * h, t, dh)
-
-    q, k, v = (heads(y) for y in qkv)
-    # Scaling q (B*H*T*Dh values, fused into the head transpose) instead of the logits
-    # (B*H*T*T values, a separate pass on CPU) saves one pass over the largest tensor.
-    q = q * jnp.asarray(1.0 / math.sqrt(dh), dt)
-    o = attention(q, k, v)
-    o = o.reshape(b, h, t, dh).transpose(0, 2, 1, 3).reshape(b, t, h * dh)
-    return _dense(o, projs["out"], mask["out"], dt)
-
-
-
-class MlpBlock(nn.Module):
-  cfg: ViTConfig
-  adapter: dmlora.AdapterSpec | None
-
-  @nn.compact
-  def __call__(self, x_BxTxD, masks, ln_affine=None):
-    c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    d = x_BxTxD.shape[-1]
-
-    mask0 = _mask_for(self.adapter, masks, "Dense_0")
-    p0 = Projection((d,), (c.mlp_dim,), _adapter_for(self.adapter, "Dense_0"), name="Dense_0")()
-    p0 = fold_affine(p0, ln_affine, mask0)
-    p1 = Projection((c.mlp_dim,), (d,), _adapter_for(self.adapter, "Dense_1"), name="Dense_1")()
-    y = _gelu(c.gelu_approximate)(_dense(x_BxTxD, p0, mask0, dt))
-    return _dense(y, p1, _mask_for(self.adapter, masks, "Dense_1"), dt)
-
-
-class EncoderBlock(nn.Module):
-  cfg: ViTConfig
-  adapter: dmlora.AdapterSpec | None
-  drop_path: float = 0.0  # this block's rate; 0 or deterministic = identity
-
-  @nn.compact
-  def __call__(self, x, masks):
-    y, affine = self._norm("LayerNorm_0", x)
-    y = MultiHeadDotProductAttention(self.cfg, self.adapter, name="MultiHeadDotProductAttention_1")(y, masks, affine)
-    x = x + self._drop_path(y.astype(x.dtype))
-    y, affine = self._norm("LayerNorm_2", x)
-    y = MlpBlock(self.cfg, self.adapter, name="MlpBlock_3")(y, masks, affine)
-    return x + self._drop_path(y.astype(x.dtype))
-
-  def _norm(self, name, x):
-    """(LayerNorm output, None), or in float32 compute (x_hat, (scale, bias)) for the next
-    projections to fold in: measured faster in float32 on XLA CPU, slower in bfloat16."""
-    if jnp.dtype(self.cfg.dtype) == jnp.float32:
-      return LayerNorm(name=name)(x, affine=False)
-    return LayerNorm(name=name)(x), None
-
-  def _drop_path(self, y_BxTxD):
-    """Per-example stochastic depth of a residual branch, kept ones scaled by 1/(1-rate)."""
-    if self.drop_path <= 0.0:
-      return y_BxTxD
-    keep = jax.random.bernoulli(self.make_rng("drop_path"), 1.0 - self.drop_path, (y_BxTxD.shape[0], 1, 1))
-    return y_BxTxD * keep.astype(y_BxTxD.dtype) / (1.0 - self.drop_path)
-
-
-class PosEmbed(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return x + self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
-
-
-class Transformer(nn.Module):
-  cfg: ViTConfig
-  adapter: dmlora.AdapterSpec | None
-
-  @nn.compact
-  def __call__(self, x, masks, train: bool = False):
-    x = PosEmbed(name="posembed_input")(x)
-    block_cls = nn.remat(EncoderBlock) if self.cfg.remat else EncoderBlock
-    for i in range(self.cfg.depth):
-      m = None if masks is None else masks[i]
-      rate = self.cfg.drop_path * i / max(self.cfg.depth - 1, 1) if train else 0.0
-      x = block_cls(self.cfg, self.adapter, drop_path=rate, name=f"encoderblock_{i}")(x, m)
-    return LayerNorm(name="encoder_norm")(x)
-
-
-class ViT(nn.Module):
-  """ViT classifier on the class token.
-
-  __call__(images_BxHxWx3 float, branch_masks=None, train=False) -> logits (B, num_classes).
-  branch_masks: (depth, len(adapter.targets), K) keep multipliers; None = all branches, no
-  rescale (evaluation). train=True enables drop-path (cfg.drop_path > 0 needs a 'drop_path'
-  rng).
-  """
-  cfg: ViTConfig
-  adapter: dmlora.AdapterSpec | None = None
-
-  @nn.compact
-  def __call__(self, images, branch_masks=None, train: bool = False):
-    c = self.cfg
-    b, hh, ww, ch = images.shape
-    p = c.patch_size
-    if hh % p or ww % p:
-      raise ValueError(f"image size {hh}x{ww} is not a multiple of the patch size {p}")
-    gh, gw = hh // p, ww // p
-    # Patch embedding as reshape + matmul: same maths as the stride-P conv, faster on CPU.
-    patches = images.reshape(b, gh, p, gw, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * ch)
-    emb = Embedding(c, name="embedding")(patches, ch)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, c.width))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c.width)).astype(emb.dtype), emb], axis=1)
-    x = Transformer(c, self.adapter, name="Transformer")(x.astype(jnp.float32), branch_masks, train)
-    x = x[:, 0]
-    if c.representation_size:
-      x = jnp.tanh(nn.Dense(c.representation_size, name="pre_logits")(x))
-    return nn.Dense(c.num_classes, name="head", kernel_init=nn.initializers.zeros)(x)
-
-
-class Embedding(nn.Module):
-  cfg: ViTConfig
-
-  @nn.compact
-  def __call__(self, patches_BxNxF, channels):
-    c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    p = c.patch_size
-    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
-                        (p, p, channels, c.width))
-    bias = self.param("bias", nn.initializers.zeros, (c.width,))
-    return jnp.dot(patches_BxNxF.astype(dt), kernel.reshape(p * p * channels, c.width).astype(dt)) + bias.astype(dt)

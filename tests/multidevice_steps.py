@@ -10,15 +10,15 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dmlora_jax import steps, trainer
-from trainer_utils import tiny_config
+from dmlora_jax import steps
+from trainer_utils import make_trainer, tiny_config
 
 assert jax.local_device_count() == 4, jax.devices()
 c = tiny_config(batch_size=32, **{"dmlora.drop_start": 0.5, "dmlora.drop_end": 0.5, "dmlora.min_active": 0})
-run = trainer.Run(c, tempfile.mkdtemp())
+run = make_trainer(c, tempfile.mkdtemp())
 rng = np.random.default_rng(0)
-trainable = jax.tree.map(lambda x: (rng.standard_normal(x.shape) * 0.1).astype(x.dtype), run.trainable)
-host = run.host_state(1, trainable)
+trainable = jax.tree.map(lambda x: (rng.standard_normal(x.shape) * 0.1).astype(x.dtype), run.s.trainable)
+host = run.s.host_state(1, run.plan, trainable)
 batches = [next(run.batches(0, 0)), next(run.batches(1, 0))]
 
 # The trainer's pmap step (AdamW), two steps with the trainer's own keys: the masks.
@@ -37,7 +37,7 @@ state_equal = all(np.array_equal(x[0], x[d]) for x in per_device for d in range(
 # same axis name. SGD, so that the parameter change is the averaged gradient itself (Adam's
 # first step is ~lr * sign(g), which would magnify rounding in near-zero gradients).
 sgd = optax.sgd(0.1)
-step_fn = steps.make_train_step(run.model, sgd, run.step_config(1))
+step_fn = steps.make_train_step(run.s.model, sgd, run.s.step_config(1, run.plan))
 sgd_host = host.replace(opt_state=sgd.init(trainable))
 pm = steps.pmap_train_step(step_fn)
 state = steps.replicate(sgd_host, run.devices)
@@ -58,8 +58,8 @@ keys = np.asarray(keys).reshape(4, -1)
 
 # A drop-path run compiles and trains under pmap (per-device rngs).
 c2 = tiny_config(batch_size=32, **{"model.drop_path": 0.3})
-run2 = trainer.Run(c2, tempfile.mkdtemp())
-st2, m3 = run2.train_step(1)[0](steps.replicate(run2.host_state(1), run2.devices), next(run2.batches(0, 0)),
+run2 = make_trainer(c2, tempfile.mkdtemp())
+st2, m3 = run2.train_step(1)[0](steps.replicate(run2.s.host_state(1, run2.plan), run2.devices), next(run2.batches(0, 0)),
                                jax.random.key(0))
 
 diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(pmapped), jax.tree.leaves(sharded))]

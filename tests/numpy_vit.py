@@ -30,7 +30,9 @@ def softmax(x):
 def forward(flat, images, patch, num_heads, depth, lora=None, approximate=True):
   """flat: {'embedding/kernel': ..., ...} float64 arrays; images (B, H, W, 3).
 
-  lora: optional {module_path: (A (d_in, r), B (r, d_out), alpha)}, one branch each.
+  lora: optional {module_path: (A, B, alpha[, m])}: one branch, A (d_in, r) and B (r, d_out),
+    or K branches, A (K, d_in, r) and B (K, r, d_out) with keep multipliers m (K,) (all 1 if
+    absent): the kernel becomes W + (alpha / r) sum_k m_k A_k B_k.
   """
   p = {k: np.asarray(v, np.float64) for k, v in flat.items()}
   x = np.asarray(images, np.float64)
@@ -49,8 +51,14 @@ def forward(flat, images, patch, num_heads, depth, lora=None, approximate=True):
     k = p[path + "/kernel"]
     mat = k.reshape(d_in, -1)
     if lora and path in lora:
-      a, bb, alpha = lora[path]
-      mat = mat + alpha / a.shape[1] * (np.asarray(a, np.float64) @ np.asarray(bb, np.float64))
+      a, bb, alpha, *m = lora[path]
+      a, bb = np.asarray(a, np.float64), np.asarray(bb, np.float64)
+      if a.ndim == 2:
+        a, bb = a[None], bb[None]
+      m = np.asarray(m[0], np.float64) if m else np.ones(a.shape[0])
+      r = a.shape[-1]
+      for k in range(a.shape[0]):
+        mat = mat + alpha / r * m[k] * (a[k] @ bb[k])
     return mat
 
   for i in range(depth):

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from dmlora_jax import config_base, partition, steps, trainer
-from dmlora_jax.merge import flatten
+from dmlora_jax import config_base, partition, setup, steps
+from dmlora_jax.pytrees import flatten
 
 TARGETS = ("query", "key", "value")
 K, DEPTH, STEPS = 3, 2, 30
@@ -26,17 +26,16 @@ def run():
   c.model.variant, c.dmlora.num_branches, c.dmlora.rank = "tiny/4", K, 2
   c.dmlora.drop_schedule, c.dmlora.drop_end, c.dmlora.min_active = "constant", 0.6, 1
   c.stage1.lr, c.stage1.epochs, c.stage1.warmup_epochs, c.stage1.weight_decay = 1e-2, 1, 0, 0.1
-  model = trainer.build_model(c, 5, trainer.adapter_spec(c))
-  params, _ = trainer.init_params(model, c, 16)
-  trainable, frozen = partition.split(params, partition.owned_labels("dmlora"))
+  c.data.image_size = 16
+  s = setup.build(config_base.resolve(c), 5)
+  plan = setup.Plan(steps_per_epoch=STEPS, stage1_steps=STEPS, stage2_steps=0)
   rng = np.random.default_rng(0)
-  trainable = jax.tree.map(lambda x: (rng.standard_normal(x.shape) * 0.2).astype(x.dtype), trainable)  # B != 0
-  tx, _ = partition.make_optimizer("dmlora", 1, STEPS, c)
-  sc = steps.StepConfig(method="dmlora", stage=1, normalization="imagenet", stage1_steps=STEPS,
-                        drop_schedule="constant", drop_end=0.6, min_active=1, mask_shape=(DEPTH, len(TARGETS), K),
-                        targets=TARGETS)
-  fn = steps.pmap_train_step(steps.make_train_step(model, tx, sc))
-  state = steps.replicate(steps.TrainState(np.int32(0), trainable, frozen, tx.init(trainable)))
+  trainable = jax.tree.map(lambda x: (rng.standard_normal(x.shape) * 0.2).astype(x.dtype), s.trainable)  # B != 0
+  tx, _ = s.optimizer(1, plan)
+  sc = s.step_config(1, plan)
+  assert sc.uses_masks and sc.mask_shape == (DEPTH, len(TARGETS), K) and sc.drop_end == 0.6
+  fn = steps.pmap_train_step(steps.make_train_step(s.model, tx, sc))
+  state = steps.replicate(s.host_state(1, plan, trainable))
   history = []
   for i in range(STEPS):
     batch = {"image": rng.integers(0, 256, (1, 8, 16, 16, 3), dtype=np.uint8),
@@ -107,7 +106,7 @@ def test_each_branch_step_count_is_the_number_of_steps_it_was_kept(run):
   assert len(head) == 2 and all(int(v) == STEPS for v in head)  # the head is never dropped
 
 
-def test_the_step_mask_is_the_forward_mask(run):
+def test_every_module_keeps_min_active_branches_and_masks_change_per_step(run):
   # At least one branch must be kept per module (min_active = 1), and the masks differ across steps.
   for _, _, m in run:
     assert np.all((m > 0).sum(-1) >= 1)

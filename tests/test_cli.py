@@ -4,9 +4,15 @@ import json
 import os
 
 
-from trainer_utils import VTAB_ROOT, run_main
+import pytest
 
-BASE = ["--config=configs/vtab1k.py:task=cifar10,runlocal", f"--config.data.root={VTAB_ROOT}"]
+from task_files import vtab_root
+from trainer_utils import run_main
+
+
+@pytest.fixture(scope="module")
+def base():
+  return ["--config=configs/vtab1k.py:task=digits,runlocal", f"--config.data.root={vtab_root()}"]
 
 
 def _one_line_error(r):
@@ -17,8 +23,8 @@ def _one_line_error(r):
   return err[0]
 
 
-def test_misspelt_override_names_the_key(tmp_path):
-  line = _one_line_error(run_main(BASE + ["--config.stage1.lrr=0.1", f"--workdir={tmp_path}"]))
+def test_misspelt_override_names_the_key(base, tmp_path):
+  line = _one_line_error(run_main(base + ["--config.stage1.lrr=0.1", f"--workdir={tmp_path}"]))
   assert "--config.stage1.lrr" in line and "Did you mean" in line
 
 
@@ -27,19 +33,30 @@ def test_unknown_config_argument_names_it(tmp_path):
   assert "unknown config argument 'tsk'" in line
 
 
-def test_missing_data_root_is_one_line(tmp_path):
-  line = _one_line_error(run_main(BASE + [f"--config.data.root={tmp_path}/nowhere", f"--workdir={tmp_path}/wd"]))
+def test_wrong_type_override_names_the_key(base, tmp_path):
+  line = _one_line_error(run_main(base + ["--config.dmlora.rank=eight", f"--workdir={tmp_path}"]))
+  assert "config.dmlora.rank" in line or "dmlora.rank" in line
+
+
+def test_invalid_value_is_one_line_that_lists_the_choices(base, tmp_path):
+  line = _one_line_error(run_main(base + ["--config.method=dmlroa", f"--workdir={tmp_path}"]))
+  assert "config.method='dmlroa' is not one of full, linear, lora, multibranch, dropout, dmlora" in line
+  assert not os.path.exists(tmp_path / "checkpoints")  # refused before anything was written
+
+
+def test_missing_data_root_is_one_line(base, tmp_path):
+  line = _one_line_error(run_main(base + [f"--config.data.root={tmp_path}/nowhere", f"--workdir={tmp_path}/wd"]))
   assert "nowhere" in line
 
 
-def test_missing_checkpoint_file_is_one_line(tmp_path):
-  line = _one_line_error(run_main(BASE + [f"--config.model.init_checkpoint={tmp_path}/ViT-B_16.npz",
+def test_missing_checkpoint_file_is_one_line(base, tmp_path):
+  line = _one_line_error(run_main(base + [f"--config.model.init_checkpoint={tmp_path}/ViT-B_16.npz",
                                           f"--workdir={tmp_path}/wd"]))
-  assert "checkpoint file not found" in line and "ViT-B_16.npz" in line
+  assert "config.model.init_checkpoint" in line and "ViT-B_16.npz" in line and "no such file" in line
 
 
-def test_batch_not_divisible_by_device_count_is_one_line(tmp_path):
-  r = run_main(BASE + ["--config.batch_size=30", f"--workdir={tmp_path}"],
+def test_batch_not_divisible_by_device_count_is_one_line(base, tmp_path):
+  r = run_main(base + ["--config.batch_size=30", f"--workdir={tmp_path}"],
                env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
   assert "batch_size=30 is not divisible by the 4 devices" in _one_line_error(r)
 

@@ -1,4 +1,5 @@
-"""Folder (NOAH), JSON (VPT/FGVC) and demo sources on generated files and the shared cifar10 task."""
+"""Folder (NOAH), JSON (VPT/FGVC) and demo sources on generated files and on the digits
+tasks of task_files.py (real images from scikit-learn)."""
 
 import json
 import os
@@ -10,8 +11,8 @@ import pytest
 from dmlora_jax import config_base, data
 from dmlora_jax.data import demo, images
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_VTAB = os.path.join(os.path.dirname(REPO), "shared", "data", "vtab1k")
+from task_files import digits_split, fgvc_root, vtab_root
+
 SPLITS = ("train800", "val200", "train800val200", "test")
 
 
@@ -50,28 +51,27 @@ def bicubic(a: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC))
 
 
-# --- the shared real task ---
+# --- the digits task in the VTAB-1k layout ---
 
-def test_shared_cifar10_final_and_tune():
-  task = data.build_task(cfg(root=SHARED_VTAB, task="cifar10", image_size=32))
-  assert task.num_classes == 10
-  assert task.train.images.shape == (1000, 32, 32, 3) and task.train.images.dtype == np.uint8
-  assert list(task.evals) == ["test"] and task.evals["test"].num_examples_global == 1000
-  with open(os.path.join(SHARED_VTAB, "cifar10", "test.txt")) as f:
-    lines = f.read().split("\n")
-  np.testing.assert_array_equal(task.evals["test"].labels[:3], [int(l.split()[1]) for l in lines[:3]])
-  want = np.asarray(Image.open(os.path.join(SHARED_VTAB, "cifar10", lines[0].split()[0])).convert("RGB"))
-  np.testing.assert_array_equal(task.evals["test"].images[0], want)  # 32 px: no resize, exact pixels
-  np.testing.assert_array_equal(np.bincount(task.train.labels), [100] * 10)
-  tune = data.build_task(cfg(root=SHARED_VTAB, task="cifar10", protocol="tune"))
+def test_folder_task_final_and_tune_read_every_list_with_exact_pixels():
+  task = data.build_task(cfg(root=vtab_root(), task="digits", image_size=8))
+  assert task.num_classes == 10  # lines of classes.txt
+  assert task.train.images.shape == (1000, 8, 8, 3) and task.train.images.dtype == np.uint8
+  assert list(task.evals) == ["test"] and task.evals["test"].num_examples_global == 797
+  imgs, labels = digits_split("test")
+  np.testing.assert_array_equal(task.evals["test"].labels, labels)
+  # 8 px: no resize; grey tiled to RGB, exact pixels.
+  np.testing.assert_array_equal(task.evals["test"].images, np.repeat(imgs[..., None], 3, -1))
+  np.testing.assert_array_equal(task.train.labels, digits_split("train800val200")[1])
+  tune = data.build_task(cfg(root=vtab_root(), task="digits", protocol="tune"))
   assert tune.train.num_examples_global == 800 and list(tune.evals) == ["val200"]
   assert tune.evals["val200"].num_examples_global == 200
 
 
 def test_eval_split_is_decoded_per_process_shard():
-  shards = [data.build_task(cfg(root=SHARED_VTAB, task="cifar10", protocol="tune"), p, 2).evals["val200"]
+  shards = [data.build_task(cfg(root=vtab_root(), task="digits", protocol="tune"), p, 2).evals["val200"]
             for p in range(2)]
-  whole = data.build_task(cfg(root=SHARED_VTAB, task="cifar10", protocol="tune")).evals["val200"]
+  whole = data.build_task(cfg(root=vtab_root(), task="digits", protocol="tune")).evals["val200"]
   assert [len(s.labels) for s in shards] == [100, 100]
   np.testing.assert_array_equal(shards[1].images, whole.images[1::2])
   seen = []
@@ -79,6 +79,15 @@ def test_eval_split_is_decoded_per_process_shard():
     for b in data.eval_batches(s, 64, p, 2):
       seen.extend(b["label"][b["mask"] > 0].tolist())
   assert sorted(seen) == sorted(whole.labels.tolist())
+
+
+def test_fgvc_layout_digits_map_class_ids_to_sorted_labels():
+  task = data.build_task(cfg(source="fgvc_json", root=fgvc_root(), task="cub", image_size=8))
+  assert task.num_classes == 200  # CUB's class count
+  assert task.train.num_examples_global == 1000 and task.evals["test"].num_examples_global == 300
+  # ids 100..109 in sorted order are labels 0..9: the digit itself.
+  want = np.concatenate([digits_split("train800")[1], digits_split("val200")[1]])
+  np.testing.assert_array_equal(np.sort(task.train.labels), np.sort(want))
 
 
 # --- generated folder tasks ---
@@ -98,7 +107,7 @@ def test_vtab_table_sets_class_count_for_the_19_folders(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16", "LA", "1"])
-def test_image_modes_become_rgb(tmp_path, mode):
+def test_every_image_mode_becomes_the_rgb_that_pil_gives(tmp_path, mode):
   rgb = color_image(1)
   if mode == "I;16":
     grey16 = (np.arange(20 * 12, dtype=np.uint16).reshape(12, 20) * 273)  # spans 0..65k
@@ -120,7 +129,7 @@ def test_image_modes_become_rgb(tmp_path, mode):
     assert (got[..., 0] == got[..., 1]).all() and (got[..., 1] == got[..., 2]).all()
 
 
-def test_16bit_grey_uses_full_range():
+def test_16bit_grey_keeps_the_top_8_bits_over_the_full_range():
   a = np.array([[0, 65535, 32768]], np.uint16)
   img = Image.fromarray(a)
   assert img.mode == "I;16"
@@ -148,7 +157,7 @@ def test_truncated_image_names_file_list_and_line(tmp_path):
   assert bad in msg and f"{os.path.join(path, 'test.txt')}:4" in msg
 
 
-def test_undecodable_image(tmp_path):
+def test_undecodable_image_error_names_file_list_and_line(tmp_path):
   path, _ = write_task(tmp_path)
   bad = os.path.join(path, "images", "train800val200", "000000.jpg")
   with open(bad, "wb") as f:
@@ -167,7 +176,7 @@ def test_label_out_of_range_names_label_file_and_line(tmp_path):
   assert "label 47 outside [0, 47)" in msg and f"{os.path.join(path, 'test.txt')}:6" in msg
 
 
-def test_negative_label(tmp_path):
+def test_negative_label_error_names_label_file_and_line(tmp_path):
   path, _ = write_task(tmp_path)
   with open(os.path.join(path, "train800val200.txt"), "a") as f:
     f.write("images/test/000000.jpg -1\n")
@@ -202,7 +211,7 @@ def test_missing_task_lists_task_folders(tmp_path):
   assert "'cifar' not found" in msg and "mytask, other" in msg
 
 
-def test_empty_split(tmp_path):
+def test_empty_split_is_an_error_naming_the_split(tmp_path):
   path, _ = write_task(tmp_path)
   open(os.path.join(path, "test.txt"), "w").close()
   with pytest.raises(data.DataError, match="split test is empty"):
@@ -219,7 +228,7 @@ def test_malformed_line_names_file_and_line(tmp_path, line):
   assert f"{os.path.join(path, 'train800val200.txt')}:11: malformed line" in one_line_error(e)
 
 
-def test_unknown_source_and_protocol():
+def test_unknown_source_and_protocol_are_named_with_the_choices():
   with pytest.raises(data.DataError, match="'hdf5'"):
     data.build_task(cfg(source="hdf5"))
   with pytest.raises(data.DataError, match="'best'"):
@@ -258,7 +267,7 @@ def test_fgvc_final_and_tune_with_sorted_label_mapping(tmp_path):
   assert tune.train.num_examples_global == 6 and tune.evals["val"].num_examples_global == 3
 
 
-def test_fgvc_image_folder_conventions(tmp_path):
+def test_fgvc_sets_find_images_in_their_own_folders(tmp_path):
   write_fgvc(tmp_path, name="stanford_dogs", image_dir="Images")
   write_fgvc(tmp_path, name="stanford_cars", image_dir="")
   assert data.build_task(cfg(source="fgvc_json", root=str(tmp_path), task="stanford_dogs")).num_classes == 120
@@ -268,7 +277,7 @@ def test_fgvc_image_folder_conventions(tmp_path):
   assert t.num_classes == 3  # unknown set: distinct class ids
 
 
-def test_fgvc_errors(tmp_path):
+def test_fgvc_errors_name_the_set_file_and_entry(tmp_path):
   path, _ = write_fgvc(tmp_path)
   with pytest.raises(data.DataError, match=r"'nabirds' not found.*cub"):
     data.build_task(cfg(source="fgvc_json", root=str(tmp_path), task="nabirds"))

@@ -25,7 +25,7 @@ def cfg(task, **kw):
 
 def test_the_table_has_19_tasks_in_three_groups():
   assert len(ALL) == 19
-  assert {g: len(v) for g, v in vtab_tasks.GROUPS.items()} == {"natural": 7, "specialized": 4, "structured": 8}
+  assert {g: len(v) for g, v in vtab_tasks.GROUPS.items()} == {"Natural": 7, "Specialized": 4, "Structured": 8}
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -34,7 +34,7 @@ def test_masked_updates_leave_the_same_state_on_every_device(report):
   assert report["state_equal_across_devices"]
 
 
-def test_masks_differ_across_steps(report):
+def test_masks_differ_from_one_step_to_the_next(report):
   assert report["masks_differ_across_steps"]
 
 

@@ -14,9 +14,10 @@ import pytest
 
 from conftest import REPO
 from dmlora_jax import npz
-from trainer_utils import VTAB_ROOT, logged_step, run_main, subprocess_env
+from task_files import vtab_root
+from trainer_utils import logged_step, run_main, subprocess_env
 
-ARGS = ["--config=configs/vtab1k.py:task=cifar10", f"--config.data.root={VTAB_ROOT}",
+ARGS = ["--config=configs/vtab1k.py:task=digits", f"--config.data.root={vtab_root()}",
         "--config.model.variant=tiny/4", "--config.model.init_checkpoint=", "--config.data.image_size=16",
         "--config.batch_size=32", "--config.stage1.epochs=2", "--config.stage1.warmup_epochs=1",
         "--config.stage2.epochs=1", "--config.dmlora.drop_start=0.3", "--config.dmlora.num_branches=3",

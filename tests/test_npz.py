@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dmlora_jax import dmlora, npz, vit
-from dmlora_jax.merge import flatten, merge_params
+from dmlora_jax.merge import merge_params
+from dmlora_jax.pytrees import flatten
 from test_model import images, make, randomize
 
 

@@ -7,7 +7,8 @@ import statistics
 
 import pytest
 
-from dmlora_jax import report, sweep
+from dmlora_jax import report
+from dmlora_jax.data import vtab_tasks
 from test_sweep import ROWS, tiny_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -30,12 +31,12 @@ def test_table_numbers_are_mean_and_std_of_the_final_runs(reported):
   for row in ROWS:
     accs = []
     for seed in (0, 1):
-      with open(os.path.join(out, row, "cifar10", f"final_seed{seed}", "results.json")) as f:
+      with open(os.path.join(out, row, "digits", f"final_seed{seed}", "results.json")) as f:
         accs.append(100 * json.load(f)["accuracy"]["test"])
-    assert float(table[row]["cifar10"]) == pytest.approx(statistics.mean(accs), abs=1e-4)
-    assert float(table[row]["cifar10 std"]) == pytest.approx(statistics.stdev(accs), abs=1e-4)
+    assert float(table[row]["digits"]) == pytest.approx(statistics.mean(accs), abs=1e-4)
+    assert float(table[row]["digits std"]) == pytest.approx(statistics.stdev(accs), abs=1e-4)
     assert table[row]["seeds"] == "2"
-    # cifar10 is not a VTAB-1k task: its own column, no VTAB task, in no mean.
+    # digits is not a VTAB-1k task: its own column, no VTAB task, in no mean.
     assert table[row]["cifar"] == "" and table[row]["Natural mean"] == ""
     assert table[row]["mean over tasks (19 vtab1k tasks)"] == ""
   assert "no_such_task" not in next(iter(table.values()))  # failed runs leave no column
@@ -51,10 +52,10 @@ def test_quoted_baselines_sit_beside_our_rows_with_both_averages_labelled(report
   assert sum(m.endswith("(quoted)") for m in table) == len(report.QUOTED_VTAB1K)
   md = open(files["md"]).read()
   assert "mean of group means" in md and "mean over tasks" in md and "RepAdapter (quoted)" in md
-  assert "± " in md and "cifar10" in md
+  assert "± " in md and "digits" in md
 
 
-def test_plots_are_written(reported):
+def test_report_writes_the_three_plots_as_png(reported):
   _, files = reported
   for name in ("scales.png", "drop_schedule.png", "acc_vs_params.png"):
     with open(files[name], "rb") as f:
@@ -83,11 +84,11 @@ def _fake_run(root, row, task, seed, acc, params=1000):
 
 def test_group_means_and_both_averages_on_a_full_vtab_table(tmp_path):
   # Task i has accuracy (50 + i)% with seeds +-1: means 50..68, std sqrt(2).
-  for i, task in enumerate(sweep.VTAB1K_TASKS):
+  for i, task in enumerate(tuple(vtab_tasks.TASKS)):
     for seed, d in ((0, -0.01), (1, 0.01)):
       _fake_run(tmp_path, "dmlora", task, seed, 0.50 + i / 100 + d)
-  _fake_run(tmp_path, "dmlora", "cifar10", 0, 0.99)  # outside VTAB: in no mean
-  for task in sweep.VTAB1K_TASKS[1:]:  # a row missing one Natural task
+  _fake_run(tmp_path, "dmlora", "digits", 0, 0.99)  # outside VTAB: in no mean
+  for task in tuple(vtab_tasks.TASKS)[1:]:  # a row missing one Natural task
     _fake_run(tmp_path, "lora", task, 0, 0.40)
   files = report.report(str(tmp_path))
   r = _csv(files["csv"])["dmlora"]
@@ -98,7 +99,7 @@ def test_group_means_and_both_averages_on_a_full_vtab_table(tmp_path):
   assert float(r["Structured mean"]) == pytest.approx(stru)
   assert float(r["mean of group means (Natural/Specialized/Structured)"]) == pytest.approx((nat + spe + stru) / 3)
   assert float(r["mean over tasks (19 vtab1k tasks)"]) == pytest.approx(59.0)
-  assert float(r["cifar10"]) == pytest.approx(99.0)
+  assert float(r["digits"]) == pytest.approx(99.0)
   lora = _csv(files["csv"])["lora"]
   assert lora["cifar"] == "" and lora["Natural mean"] == "" and float(lora["Structured mean"]) == pytest.approx(40)
   assert lora["mean of group means (Natural/Specialized/Structured)"] == ""
@@ -108,3 +109,23 @@ def test_group_means_and_both_averages_on_a_full_vtab_table(tmp_path):
 def test_report_command_names_a_missing_sweep(tmp_path, capsys):
   assert report.main([str(tmp_path)]) == 2
   assert "no finished final run" in capsys.readouterr().err
+
+
+def test_paired_differences_are_per_task_and_pooled_with_t_intervals(tmp_path):
+  # dmlora - lora per (task, seed): task a: +1, +2, +3 points; task b: -1, 0, +1 points.
+  for seed, (da, db) in enumerate(((1, -1), (2, 0), (3, 1))):
+    _fake_run(tmp_path, "lora", "a", seed, 0.50)
+    _fake_run(tmp_path, "dmlora", "a", seed, 0.50 + da / 100)
+    _fake_run(tmp_path, "lora", "b", seed, 0.60)
+    _fake_run(tmp_path, "dmlora", "b", seed, 0.60 + db / 100)
+  got = {(d["task"]): d for d in report.paired_differences(report.load_runs(str(tmp_path)), [("dmlora", "lora")])}
+  # task a: mean 2, sample std 1, n 3: half-width t(0.975, 2) / sqrt(3) = 4.303 / 1.732.
+  assert got["a"]["mean"] == pytest.approx(2.0) and got["a"]["n"] == 3
+  assert got["a"]["high"] - got["a"]["mean"] == pytest.approx(4.303 / 3 ** 0.5, rel=1e-4)
+  assert got["b"]["mean"] == pytest.approx(0.0)
+  # pooled: 1, 2, 3, -1, 0, 1: mean 1, sample std sqrt(2), n 6: t(0.975, 5) = 2.571.
+  pooled = got["all tasks"]
+  assert pooled["mean"] == pytest.approx(1.0) and pooled["n"] == 6
+  assert pooled["high"] - pooled["mean"] == pytest.approx(2.571 * 2 ** 0.5 / 6 ** 0.5, rel=1e-4)
+  md = open(report.report(str(tmp_path))["md"]).read()
+  assert "| dmlora - lora | a | +2.00 |" in md

@@ -14,9 +14,10 @@ import pytest
 
 from conftest import REPO
 from dmlora_jax import npz
-from trainer_utils import VTAB_ROOT, logged_step, run_main, subprocess_env
+from task_files import vtab_root
+from trainer_utils import logged_step, run_main, subprocess_env
 
-ARGS = ["--config=configs/vtab1k.py:task=cifar10", f"--config.data.root={VTAB_ROOT}",
+ARGS = ["--config=configs/vtab1k.py:task=digits", f"--config.data.root={vtab_root()}",
         "--config.model.variant=mini/4", "--config.model.init_checkpoint=", "--config.data.image_size=32",
         "--config.batch_size=32", "--config.stage1.epochs=3", "--config.stage1.warmup_epochs=1",
         "--config.stage2.epochs=1", "--config.dmlora.drop_start=0.3", "--config.checkpoint_every=10",
@@ -81,14 +82,15 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(uninterrupted,
   steps_ = sorted(int(s) for s in os.listdir(ck) if s.isdigit())
   newest, previous = steps_[-1], steps_[-2]
   # Damage the newest: delete its array data but keep the step directory (orbax still lists it).
-  for root, _, files in os.walk(os.path.join(ck, str(newest), "state")):
-    for f in files:
-      if not f.startswith("_"):
-        os.remove(os.path.join(root, f))
+  for item in ("trainable", "opt_state"):
+    for root, _, files in os.walk(os.path.join(ck, str(newest), item)):
+      for f in files:
+        if not f.startswith("_"):
+          os.remove(os.path.join(root, f))
   r = run_main(["--mode=export"] + ARGS + [f"--workdir={wd}"], env_extra=ENV)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"checkpoint {newest} is damaged" in r.stdout
-  assert f"Resumed from checkpoint step {previous}" in r.stdout
+  assert f"Restored checkpoint step {previous}" in r.stdout
   assert os.path.isdir(os.path.join(wd, "checkpoints_damaged", str(newest)))  # kept, not deleted
   assert os.path.exists(os.path.join(wd, "merged.npz"))
 

@@ -20,7 +20,7 @@ def test_schedule_hits_its_endpoints_and_grows(shape):
   assert float(schedules.drop_probability(10_000, total, shape, 0.1, 0.6)) == pytest.approx(0.6)
 
 
-def test_schedule_shapes_by_hand():
+def test_schedule_values_match_their_formulas_by_hand():
   total = 11  # t = step / 10
   assert float(schedules.drop_probability(5, total, "linear", 0.0, 0.4)) == pytest.approx(0.2)
   assert float(schedules.drop_probability(2, total, "cosine", 0.0, 0.4)) == pytest.approx(
@@ -39,7 +39,7 @@ def test_schedule_step_is_traced_no_recompile():
   assert vals[0] == 0.0 and vals[1] == pytest.approx(0.25, abs=0.02) and vals[2] == pytest.approx(0.5)
 
 
-def test_bad_schedule_arguments_are_named():
+def test_bad_schedule_arguments_are_errors_that_name_them():
   with pytest.raises(ValueError, match="drop_schedule"):
     schedules.drop_probability(0, 10, "exp", 0.0, 0.5)
   with pytest.raises(ValueError, match="drop_end"):
@@ -49,7 +49,7 @@ def test_bad_schedule_arguments_are_named():
 
 
 @pytest.mark.parametrize("p", [0.2, 0.5])
-def test_mean_keep_rate_is_one_minus_p(p):
+def test_mean_keep_rate_is_one_minus_p_and_modules_are_independent(p):
   n = 20_000 * 4
   m = schedules.branch_masks(jax.random.key(1), p, (20_000, 4), min_active=0, rescale=False)
   rate = float(jnp.mean(m))

@@ -1,6 +1,6 @@
 """2S-LS in the trainer, on scikit-learn's digits (offline): stage 2 can start from another
-run's stage 1 (bit-identical to training both stages in one run), and results.json reports the
-learned alpha_l, their spread and the stage-2 loss curve."""
+run's stage 1 (a dropout run's, bit-identical to training both stages in one dmlora run), and
+results.json reports the learned alpha_l, their spread and the stage-2 loss curve."""
 
 import json
 import os
@@ -21,11 +21,7 @@ def digits_config(stage2_epochs: int, **over):
   c.dmlora.num_branches, c.dmlora.rank = 3, 2
   c.log_every, c.checkpoint_every, c.data.protocol = 4, 1000, "tune"
   for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+    config_base.override(c, k, v)
   return c
 
 
@@ -33,7 +29,8 @@ def digits_config(stage2_epochs: int, **over):
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("stage2")
   wd = {n: str(root / n) for n in ("stage1_only", "both", "continued")}
-  out = {"stage1_only": trainer.train_and_evaluate(digits_config(0), wd["stage1_only"]),
+  # The dropout method is dmlora's stage 1 (methods.py): its run can start dmlora's stage 2.
+  out = {"stage1_only": trainer.train_and_evaluate(digits_config(2, method="dropout"), wd["stage1_only"]),
          "both": trainer.train_and_evaluate(digits_config(2), wd["both"]),
          "continued": trainer.train_and_evaluate(digits_config(2, **{"stage2.init_from": wd["stage1_only"]}),
                                                  wd["continued"])}

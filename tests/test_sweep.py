@@ -1,24 +1,26 @@
 """The sweep driver: lr chosen on val200 only, final runs per seed, resume and skip, failures,
 the grid extended at an edge, and the dmlora row continuing the dropout row's stage 1.
 
-The end-to-end tests run one tiny sweep on the shared cifar10 task (tiny/4 at 16 px, one
-epoch per stage, 2-point grids, 2 seeds; the dmlora row brings in the dropout row), shared
-with test_report.py through `tiny_sweep` (a second call finds every run finished and returns
-at once).
+The end-to-end tests run one tiny sweep on the digits task of task_files.py (tiny/4 at 16 px,
+one epoch per stage, 2-point grids, 2 seeds; the dmlora row brings in the dropout row), used
+also by test_report.py through `tiny_sweep` (a second call finds every run finished and returns
+at once). Tests that change a sweep directory work on a copy of it.
 """
 
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
 
-from dmlora_jax import sweep
-from trainer_utils import VTAB_ROOT
+from dmlora_jax import config_base, sweep
+from dmlora_jax.data import vtab_tasks
+from task_files import vtab_root
 
 LRS = (1e-5, 3e-3)  # far apart, so that val200 has a clear preference
-TINY = [f"--config.data.root={VTAB_ROOT}", "--config.model.variant=tiny/4", "--config.model.init_checkpoint=",
+TINY = [f"--config.data.root={vtab_root()}", "--config.model.variant=tiny/4", "--config.model.init_checkpoint=",
         "--config.data.image_size=16", "--config.data.num_workers=2", "--config.batch_size=32",
         "--config.stage1.epochs=1", "--config.stage1.warmup_epochs=0", "--config.stage2.epochs=1",
         "--config.dmlora.num_branches=3", "--config.dmlora.rank=2", "--config.log_every=1000",
@@ -29,13 +31,13 @@ RAN = ("dropout", "dmlora")
 
 
 def sweep_args(out) -> list[str]:
-  return ["--out", str(out), "--tasks", "no_such_task,cifar10", "--lrs", ",".join(map(str, LRS)),
+  return ["--out", str(out), "--tasks", "no_such_task,digits", "--lrs", ",".join(map(str, LRS)),
           "--stage2_lrs", ",".join(map(str, STAGE2_LRS)), "--extend_edges", "0",
           "--seeds", "2", "--rows", ",".join(ROWS)] + TINY
 
 
 def tiny_sweep(tmp_path_factory) -> tuple[str, int]:
-  """Runs (or finds) the shared tiny sweep; returns (sweep dir, exit status of the first run)."""
+  """Runs (or finds) the one tiny sweep of the session; returns (sweep dir, exit status of the first run)."""
   out = tmp_path_factory.getbasetemp() / "tiny_sweep"
   first = out / "first_rc"
   if not first.exists():
@@ -59,12 +61,12 @@ def _all_results(out):
           for r, _, files in os.walk(out) if "results.json" in files}
 
 
-# ---- end to end on the shared cifar10 task ----
+# ---- end to end on the digits task ----
 
 def test_lr_is_the_argmax_of_val200_over_the_tune_runs(swept):
   out, _ = swept
   row = "dropout"
-  task = os.path.join(out, row, "cifar10")
+  task = os.path.join(out, row, "digits")
   val = []
   for lr in LRS:
     res = _results(os.path.join(task, f"tune_lr{lr:g}"))
@@ -72,7 +74,7 @@ def test_lr_is_the_argmax_of_val200_over_the_tune_runs(swept):
     assert res["config"]["data.protocol"] == "tune" and res["config"]["stage1.lr"] == lr
     val.append(res["accuracy"]["val200"])
   best = LRS[int(np.argmax(val))]  # np.argmax: first of equals, the sweep's tie rule too
-  chosen = json.load(open(os.path.join(out, "sweep.json")))["selection"][row]["cifar10"]
+  chosen = json.load(open(os.path.join(out, "sweep.json")))["selection"][row]["digits"]
   assert chosen["lr"] == best and chosen["metric"] == "val200"
   assert chosen["val"] == {f"{lr:g}": v for lr, v in zip(LRS, val)}
   for seed in (0, 1):
@@ -87,52 +89,38 @@ def test_dmlora_continues_the_dropout_stage1_and_chooses_stage2_lr_on_val200(swe
   out, _ = swept
   summary = json.load(open(os.path.join(out, "sweep.json")))
   assert summary["rows"] == ["dropout", "dmlora"] and summary["stage1_from"] == {"dmlora": "dropout"}
-  lr = summary["selection"]["dropout"]["cifar10"]["lr"]
-  chosen = summary["selection"]["dmlora"]["cifar10"]
+  lr = summary["selection"]["dropout"]["digits"]["lr"]
+  chosen = summary["selection"]["dmlora"]["digits"]
   assert chosen["lr"] == lr and chosen["stage1_from"] == "dropout"
   val = []
   for s2 in STAGE2_LRS:
-    wd = os.path.join(out, "dmlora", "cifar10", f"tune_lr{lr:g}_s2lr{s2:g}")
+    wd = os.path.join(out, "dmlora", "digits", f"tune_lr{lr:g}_s2lr{s2:g}")
     res = _results(wd)
     assert set(res["accuracy"]) == {"val200"}
     assert res["config"]["stage2.lr"] == s2 and res["config"]["stage1.lr"] == lr
-    assert res["config"]["stage2.init_from"] == os.path.join(out, "dropout", "cifar10", f"tune_lr{lr:g}")
+    assert res["config"]["stage2.init_from"] == os.path.join(out, "dropout", "digits", f"tune_lr{lr:g}")
     logged = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
     assert {m["stage"] for m in logged} == {2}  # stage 1 was not trained again
     val.append(res["accuracy"]["val200"])
   assert chosen["stage2_lr"] == STAGE2_LRS[int(np.argmax(val))]
   for seed in (0, 1):
-    res = _results(os.path.join(out, "dmlora", "cifar10", f"final_seed{seed}"))
+    res = _results(os.path.join(out, "dmlora", "digits", f"final_seed{seed}"))
     assert res["config"]["stage2.lr"] == chosen["stage2_lr"] and res["config"]["seed"] == seed
-    assert res["config"]["stage2.init_from"] == os.path.join(out, "dropout", "cifar10", f"final_seed{seed}")
+    assert res["config"]["stage2.init_from"] == os.path.join(out, "dropout", "digits", f"final_seed{seed}")
 
 
 def test_the_row_sets_the_method_and_its_stages(swept):
   out, _ = swept
-  res = _results(os.path.join(out, "dmlora", "cifar10", "final_seed0"))
+  res = _results(os.path.join(out, "dmlora", "digits", "final_seed0"))
   assert res["method"] == "dmlora" and res["stage2_steps"] == res["stage1_steps"] == 1000 // 32
   assert res["config"]["dmlora.drop_end"] == 0.5 and res["config"]["dmlora.num_branches"] == 3
-
-
-def test_ablation_rows_differ_only_in_what_their_names_say():
-  base = sweep.load_config(sweep.BENCHMARKS["vtab1k"], "cifar")
-  got = {row: sweep.run_config(base, {}, sweep.RunSpec(row, "cifar", "tune", 1e-3)) for row in sweep.DEFAULT_ROWS}
-  assert (got["lora"].method, got["lora"].stage2.epochs) == ("lora", 0)
-  assert (got["multibranch"].method, got["multibranch"].dmlora.drop_end, got["multibranch"].stage2.epochs) == (
-      "dmlora", 0.0, 0)
-  assert (got["dropout"].method, got["dropout"].dmlora.drop_end, got["dropout"].stage2.epochs) == ("dmlora", 0.5, 0)
-  assert (got["dmlora"].method, got["dmlora"].dmlora.drop_end, got["dmlora"].stage2.epochs) == ("dmlora", 0.5, 10)
-  flat = {row: sweep.flatten(c) for row, c in got.items()}
-  diff = lambda a, b: sorted(k for k in flat[a] if flat[a][k] != flat[b][k])
-  assert diff("dropout", "dmlora") == ["stage2.epochs"]
-  assert diff("multibranch", "dropout") == ["dmlora.drop_end"]  # drop_start is 0 in both
 
 
 def test_final_runs_keep_their_export_and_tune_runs_drop_theirs(swept):
   out, _ = swept
   for row in RAN:
-    assert os.path.exists(os.path.join(out, row, "cifar10", "final_seed1", "merged.npz"))
-  assert not os.path.exists(os.path.join(out, "dropout", "cifar10", f"tune_lr{LRS[0]:g}", "merged.npz"))
+    assert os.path.exists(os.path.join(out, row, "digits", "final_seed1", "merged.npz"))
+  assert not os.path.exists(os.path.join(out, "dropout", "digits", f"tune_lr{LRS[0]:g}", "merged.npz"))
 
 
 def test_a_failed_run_is_reported_and_the_sweep_goes_on(swept):
@@ -144,11 +132,15 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(swept):
   assert summary["selection"]["dropout"]["no_such_task"]["lr"] is None
   assert summary["selection"]["dmlora"]["no_such_task"]["lr"] is None
   assert not os.path.exists(os.path.join(out, "dmlora", "no_such_task"))
-  assert summary["selection"]["dropout"]["cifar10"]["lr"] in LRS  # the task after the failure still ran
+  assert summary["selection"]["dropout"]["digits"]["lr"] in LRS  # the task after the failure still ran
 
 
-def test_second_invocation_skips_every_finished_run(swept, capsys):
-  out, _ = swept
+def _copy(swept, tmp_path) -> str:
+  return str(shutil.copytree(swept[0], tmp_path / "sweep"))
+
+
+def test_second_invocation_skips_every_finished_run(swept, capsys, tmp_path):
+  out = _copy(swept, tmp_path)
   before = _all_results(out)
   assert len(before) == (len(LRS) + 2) + (len(STAGE2_LRS) + 2)
   assert sweep.main(sweep_args(out)) == 1  # the missing task still fails
@@ -159,9 +151,9 @@ def test_second_invocation_skips_every_finished_run(swept, capsys):
   assert f"[1/{2 * (len(LRS) + 2) + 2 * (len(STAGE2_LRS) + 2)}]" in text and "skipped" in text
 
 
-def test_unfinished_run_resumes_from_its_checkpoint(swept):
-  out, _ = swept
-  wd = os.path.join(out, "dropout", "cifar10", f"tune_lr{LRS[1]:g}")  # val200: a short evaluation
+def test_unfinished_run_resumes_from_its_checkpoint(swept, tmp_path):
+  out = _copy(swept, tmp_path)
+  wd = os.path.join(out, "dropout", "digits", f"tune_lr{LRS[1]:g}")  # val200: a short evaluation
   old = _results(wd)
   metric_lines = len(open(os.path.join(wd, "metrics.jsonl")).readlines())
   os.remove(os.path.join(wd, "results.json"))  # as if killed after the last checkpoint
@@ -189,18 +181,25 @@ def test_tune_run_with_a_test_accuracy_is_refused():
     sweep.val_accuracy({"accuracy": {"val200": 0.5, "test": 0.6}})
 
 
-def test_overrides_are_typed_and_misspelt_keys_named():
+def test_a_run_is_the_base_config_the_command_line_and_its_row():
   c = sweep.load_config(sweep.BENCHMARKS["vtab1k"], "cifar")
   spec = sweep.RunSpec("multibranch", "cifar", "final", 3e-3, 2)
-  r = sweep.run_config(c, {"dmlora.targets": "query,value", "batch_size": "32", "dmlora.rescale": "false",
-                           "dmlora.drop_end": "0.3"}, spec)
-  assert r.dmlora.targets == ("query", "value") and r.batch_size == 32 and r.dmlora.rescale is False
-  # The row wins over the command line: multibranch never drops a branch.
-  assert r.dmlora.drop_end == 0.0 and r.stage2.epochs == 0
+  r = sweep.run_config(c, {"dmlora.targets": "query,value", "batch_size": "32", "method": "lora"}, spec)
+  assert r.dmlora.targets == ("query", "value") and r.batch_size == 32
+  assert r.method == "multibranch"  # the row wins over the command line
   assert (r.stage1.lr, r.seed, r.data.protocol, r.data.task) == (3e-3, 2, "final", "cifar")
-  assert c.stage1.lr == 1e-3  # the base config is not modified
-  with pytest.raises(sweep.SweepError, match="dmlora.rank"):
+  assert c.stage1.lr == 1e-3 and c.method == "dmlora"  # the base config is not modified
+  with pytest.raises(config_base.ConfigError, match="dmlora.rank"):
     sweep.run_config(c, {"dmlora.rnak": "4"}, spec)
+
+
+def test_rows_differ_only_in_their_method():
+  base = sweep.load_config(sweep.BENCHMARKS["vtab1k"], "cifar")
+  flat = {row: sweep.flatten(sweep.run_config(base, {}, sweep.RunSpec(row, "cifar", "tune", 1e-3)))
+          for row in sweep.ROWS}
+  for row, f in flat.items():
+    assert f["method"] == row
+    assert sorted(k for k in f if f[k] != flat["dmlora"][k]) == ([] if row == "dmlora" else ["method"])
 
 
 def test_results_from_another_configuration_are_stale():
@@ -214,11 +213,8 @@ def test_results_from_another_configuration_are_stale():
   assert sweep.stale_keys(res, c) == ["dmlora.rank"]
 
 
-def test_every_row_is_documented_and_runs_one_method():
-  for name, over in sweep.ROWS.items():
-    assert over["method"] in ("dmlora", "lora", "full", "linear"), name
-    assert f'"{name}"' in open(sweep.__file__).read()
-  assert len(sweep.VTAB1K_TASKS) == 19 and len(set(sweep.VTAB1K_TASKS)) == 19
+def test_the_vtab1k_benchmark_is_the_19_tasks_of_the_registry():
+  assert sweep.BENCHMARKS["vtab1k"].tasks == tuple(vtab_tasks.TASKS) and len(vtab_tasks.TASKS) == 19
 
 
 def test_edge_extension_steps_out_by_the_grid_ratio():
@@ -226,7 +222,7 @@ def test_edge_extension_steps_out_by_the_grid_ratio():
   assert sweep.edge_extension({1e-3: 0.7, 3e-3: 0.6}) == pytest.approx(1e-3 / 3)
   assert sweep.edge_extension({1e-3: 0.5, 3e-3: 0.6, 1e-2: 0.7}) == pytest.approx(1e-2 * 10 / 3)
   assert sweep.edge_extension({1e-3: 0.5}) == pytest.approx(3e-3)
-  # A best value shared with an inner lr is no reason to go further out.
+  # A best value tied with an inner lr is no reason to go further out.
   assert sweep.edge_extension({1e-4: 0.7, 1e-3: 0.7, 1e-2: 0.6}) is None
   assert sweep.edge_extension({1e-4: 0.6, 1e-3: 0.7, 1e-2: 0.7}) is None
 
@@ -247,28 +243,28 @@ def _fake_runs(monkeypatch, peak_lr):
 
 def test_grid_grows_at_an_edge_until_the_best_lr_is_inside(tmp_path, monkeypatch):
   tried = _fake_runs(monkeypatch, peak_lr=0.1)
-  args = ["--out", str(tmp_path), "--tasks", "cifar10", "--rows", "lora", "--lrs", "1e-3,1e-2", "--seeds", "1",
+  args = ["--out", str(tmp_path), "--tasks", "digits", "--rows", "lora", "--lrs", "1e-3,1e-2", "--seeds", "1",
           "--extend_edges", "3"] + TINY
   assert sweep.main(args) == 0
   assert tried == pytest.approx([1e-3, 1e-2, 0.1, 1.0])  # 0.1 on the edge, then 1.0 shows it is the peak
-  chosen = json.load(open(os.path.join(tmp_path, "sweep.json")))["selection"]["lora"]["cifar10"]
+  chosen = json.load(open(os.path.join(tmp_path, "sweep.json")))["selection"]["lora"]["digits"]
   assert chosen["lr"] == pytest.approx(0.1) and chosen["edge"] is False
 
 
 def test_a_choice_still_on_an_edge_is_said_loudly(tmp_path, monkeypatch, capsys):
   tried = _fake_runs(monkeypatch, peak_lr=1.0)
-  args = ["--out", str(tmp_path), "--tasks", "cifar10", "--rows", "lora", "--lrs", "1e-3,1e-2", "--seeds", "1",
+  args = ["--out", str(tmp_path), "--tasks", "digits", "--rows", "lora", "--lrs", "1e-3,1e-2", "--seeds", "1",
           "--extend_edges", "1", "--row_lrs", "full=1e-5"] + TINY
   assert sweep.main(args) == 0
   assert tried == pytest.approx([1e-3, 1e-2, 0.1])
-  chosen = json.load(open(os.path.join(tmp_path, "sweep.json")))["selection"]["lora"]["cifar10"]
+  chosen = json.load(open(os.path.join(tmp_path, "sweep.json")))["selection"]["lora"]["digits"]
   assert chosen["lr"] == pytest.approx(0.1) and chosen["edge"] is True
-  assert "WARNING: lora/cifar10: the chosen lr=0.1 is still at the edge of the grid" in capsys.readouterr().out
+  assert "WARNING: lora/digits: the chosen lr=0.1 is still at the edge of the grid" in capsys.readouterr().out
 
 
 def test_a_row_grid_replaces_the_common_grid(tmp_path, monkeypatch):
   tried = _fake_runs(monkeypatch, peak_lr=3e-5)
-  args = ["--out", str(tmp_path), "--tasks", "cifar10", "--rows", "full", "--lrs", "1e-3,1e-2", "--seeds", "1",
+  args = ["--out", str(tmp_path), "--tasks", "digits", "--rows", "full", "--lrs", "1e-3,1e-2", "--seeds", "1",
           "--row_lrs", "full=1e-5,3e-5,1e-4"] + TINY
   assert sweep.main(args) == 0
   assert tried == pytest.approx([1e-5, 3e-5, 1e-4])

@@ -1,4 +1,4 @@
-"""Shared helpers of the trainer tests: tiny configs on the shared cifar10 task."""
+"""Helpers of the trainer tests: tiny configs on the digits task of task_files.py."""
 
 import json
 import os
@@ -6,10 +6,9 @@ import subprocess
 import sys
 import tempfile
 
-from conftest import REPO, SHARED
-from dmlora_jax import config_base
-
-VTAB_ROOT = os.path.join(SHARED, "data", "vtab1k")
+from conftest import REPO
+from dmlora_jax import config_base, data, setup, training
+from task_files import vtab_root
 
 # Subprocess runs of the same model share XLA's persistent compilation cache: the same
 # program, compiled once per test session (the cached executable gives bit-identical results).
@@ -27,8 +26,8 @@ def tiny_config(method="dmlora", epochs=1, stage2_epochs=1, image_size=16, batch
   c.method = method
   c.model.variant = "tiny/4"
   c.data.source = "vtab1k_folder"
-  c.data.root = VTAB_ROOT
-  c.data.task = "cifar10"
+  c.data.root = vtab_root()
+  c.data.task = "digits"
   c.data.image_size = image_size
   c.data.num_workers = 2
   c.batch_size = batch_size
@@ -40,12 +39,15 @@ def tiny_config(method="dmlora", epochs=1, stage2_epochs=1, image_size=16, batch
   c.log_every = 1000
   c.checkpoint_every = 1000
   for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+    config_base.override(c, k, v)
   return c
+
+
+def make_trainer(config, workdir: str) -> training.Trainer:
+  """The trainer of a config as train_and_evaluate builds it (its task decoded, nothing run)."""
+  c = config_base.resolve(config)
+  task = data.build_task(c.data)
+  return training.Trainer(setup.build(c, task.num_classes), task, workdir)
 
 
 def run_main(args, env_extra=None, timeout=300, **kw):

@@ -24,7 +24,8 @@ def write(out: str) -> None:
   import numpy as np
   from dmlora_jax import dmlora, npz, vit
   from dmlora_jax.config_base import ALL_TARGETS
-  from dmlora_jax.merge import flatten, merge_params, unflatten
+  from dmlora_jax.merge import merge_params
+  from dmlora_jax.pytrees import flatten, unflatten
   os.makedirs(out, exist_ok=True)
   x = np.asarray(jax.random.normal(jax.random.key(5), (4, 16, 16, 3)))
   np.save(os.path.join(out, "x.npy"), x)

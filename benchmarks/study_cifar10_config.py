@@ -3,7 +3,7 @@ r"""The proxy accuracy study: adapt a CIFAR-10-source-5 backbone to 5 unseen CIF
 One run (the study script runs the whole grid, see benchmarks/study_cifar10.py):
 
   python benchmarks/study_cifar10.py pretrain --out runs/study_cifar10      # the backbone, once
-  python -m dmlora_jax.main --config=configs/study_cifar10.py:method=dmlora --workdir=/tmp/s \
+  python -m dmlora_jax.main --config=benchmarks/study_cifar10_config.py:method=dmlora --workdir=/tmp/s \
       --config.data.protocol=tune
 
 - Backbone: "mini/4" (width 96, depth 4, 3 heads, patch 4, 32 px), pre-trained from scratch on
@@ -12,7 +12,8 @@ One run (the study script runs the whole grid, see benchmarks/study_cifar10.py):
 - Task: ../shared/data/vtab1k/cifar10_t5 (dog, frog, horse, ship, truck), VTAB-1k layout.
 - Recipe: the VTAB-1k one (AdamW, wd 1e-4, cosine, warm-up, ImageNet mean/std, no
   augmentation), shortened to 10 + 3 epochs so the grid fits 2 CPU cores; K=4 branches of
-  rank 8 on q/k/v, alpha 8, branch drop linear 0 -> 0.5; `row=` picks an ablation row.
+  rank 8 on q/k/v, alpha 8, branch drop linear 0 -> 0.5; `method=` picks the row (a method of
+  dmlora_jax/methods.py: linear, lora, multibranch, dropout, dmlora, full).
 Expected time: about 25-30 s per run on a 2-core AMD EPYC (shared); the grid of the study
 script (6 rows x (2 lrs + 3 seeds)) took 13 min. Results (test top-1 67-70%): benchmarks/README.md.
 """
@@ -23,22 +24,13 @@ from dmlora_jax import config_base
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Ablation rows: name -> overrides (the same meaning as dmlora_jax.sweep's rows).
-ROWS = {
-    "linear": {"method": "linear", "stage2.epochs": 0},
-    "lora": {"method": "lora", "stage2.epochs": 0},
-    "multibranch": {"method": "dmlora", "dmlora.drop_end": 0.0, "stage2.epochs": 0},  # no dropout, no 2S-LS
-    "dropout": {"method": "dmlora", "stage2.epochs": 0},  # dropout without 2S-LS
-    "dmlora": {"method": "dmlora"},
-    "full": {"method": "full", "stage2.epochs": 0},
-}
 # Stage-1 lr grid per row, chosen on val200 (full fine-tuning wants a smaller lr).
 LRS = {"full": (1e-4, 3e-4)}
 DEFAULT_LRS = (1e-3, 3e-3)
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, row="dmlora", method="", runlocal=False,
+  a = config_base.parse_arg(arg, method="dmlora", runlocal=False,
                             checkpoint=os.path.join(REPO, "runs", "study_cifar10", "backbone_mini4.npz"))
   c = config_base.get_base_config()
   c.model.variant = "mini/4"
@@ -58,14 +50,7 @@ def get_config(arg=None):
   c.stage1.epochs = 10
   c.stage1.warmup_epochs = 1
   c.stage2.epochs = 3
-  for key, value in ROWS[a.row].items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  if a.method:
-    c.method = a.method
+  c.method = a.method
   if a.runlocal:
     c.stage1.epochs, c.stage2.epochs = 1, min(c.stage2.epochs, 1)
   return c

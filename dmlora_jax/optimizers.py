@@ -1,5 +1,6 @@
-"""Optax transformations of DMLoRA's two stages: AdamW that skips dropped branches, and the
-per-block tie of the 2S-LS scales.
+"""The optimizers and learning-rate schedules of the two stages (`make_optimizer`), and the
+optax transformations they are made of: AdamW that skips dropped branches, and the per-block
+tie of the 2S-LS scales.
 
 `masked_adamw` is AdamW (decoupled weight decay, as torch.optim.AdamW and optax.adamw) with
 one step count per *unit* of a leaf instead of one per optimizer. A unit is a slice along
@@ -25,6 +26,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from dmlora_jax import dmlora, methods, partition
+from dmlora_jax.partition import BRANCHES, FROZEN, HEAD, SCALE
 
 PyTree = Any
 
@@ -142,3 +146,51 @@ def encoder_block(path: str) -> str | None:
   """'Transformer/encoderblock_3/MlpBlock_3/Dense_0/lora_log_scale' -> 'Transformer/encoderblock_3'."""
   m = _BLOCK.match(path)
   return m.group(1) if m else None
+
+
+# ---- the two stages ----
+
+def _decay_mask(tree):
+  # Weight decay on matrices only (kernels, lora_a/lora_b), not on biases or scalars (timm).
+  # tree.map, not flatten: inside multi_transform the other labels' leaves are MaskedNodes.
+  return jax.tree.map(lambda v: getattr(v, "ndim", 0) >= 2, tree)
+
+
+def _branch_units(tree):
+  # One AdamW step count per branch: lora_a (K, d_in, r) and lora_b (K, r, d_out) along K.
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 1 if path_str(path).rsplit("/", 1)[-1] in (dmlora.LORA_A, dmlora.LORA_B) else 0, tree)
+
+
+def make_optimizer(method: methods.Method, stage: int, total_steps: int,
+                   c) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer of one stage over the owned (trainable-at-some-point) leaves.
+
+  Stage 1: AdamW (`masked_adamw`: a dropped branch keeps its parameters, moments and
+  step count; its update takes the step's `keep` tree), linear warm-up from
+  stage1.warmup_init_lr to stage1.lr, cosine to stage1.min_lr. Stage 2: Adam on the
+  log-scales at stage2.lr with a cosine decay to stage2.lr * stage1.min_lr / stage1.lr,
+  tied per encoder block when stage2.granularity is 'block' (and on the head at
+  stage1.lr * stage2.head_lr_ratio when stage2.train_head). Leaves not trained in the stage
+  get set_to_zero, which has no state. `total_steps` is the number of steps of this stage;
+  `c` is the full config. Returns (optimizer, learning-rate schedule of the stage).
+  """
+  s1 = c.stage1
+  on = method.trained(stage, c.stage2.train_head)
+  if stage == 1:
+    warmup = int(round(total_steps * s1.warmup_epochs / max(s1.epochs, 1)))
+    lr = optax.warmup_cosine_decay_schedule(s1.warmup_init_lr, s1.lr, warmup, max(total_steps, warmup + 1),
+                                            end_value=s1.min_lr)
+    tx = masked_adamw(lr, weight_decay=s1.weight_decay, decay_mask=_decay_mask, unit_ndim=_branch_units)
+    txs = {lab: tx for lab in on}
+  else:
+    lr = optax.cosine_decay_schedule(c.stage2.lr, max(total_steps, 1), alpha=s1.min_lr / s1.lr)
+    scale_tx = masked_adamw(lr)
+    if c.stage2.granularity == "block":
+      scale_tx = optax.chain(share_per_block(encoder_block), scale_tx)
+    head_lr = optax.cosine_decay_schedule(s1.lr * c.stage2.head_lr_ratio, max(total_steps, 1),
+                                          alpha=s1.min_lr / s1.lr)
+    txs = {SCALE: scale_tx, HEAD: masked_adamw(head_lr)}
+    txs = {lab: txs[lab] for lab in on}
+  transforms = {lab: txs.get(lab, optax.set_to_zero()) for lab in (FROZEN, BRANCHES, HEAD, SCALE)}
+  return optax.multi_transform(transforms, partition.labels, mask_compatible_extra_args=True), lr

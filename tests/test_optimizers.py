@@ -6,13 +6,13 @@ import numpy as np
 import optax
 import pytest
 
-from dmlora_jax import optim
+from dmlora_jax import optimizers
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
 
 def _units(tree):
-  return jax.tree_util.tree_map_with_path(lambda p, _: 1 if optim.path_str(p).endswith("lora_a") else 0, tree)
+  return jax.tree_util.tree_map_with_path(lambda p, _: 1 if optimizers.path_str(p).endswith("lora_a") else 0, tree)
 
 
 def _matrices(tree):
@@ -29,11 +29,11 @@ def _bits(x) -> bytes:
   return np.asarray(x).tobytes()
 
 
-def test_without_masks_it_is_optax_adamw():
+def test_without_masks_it_is_optax_adamw_step_for_step():
   rng = np.random.default_rng(0)
   params = _tree(rng)
   sched = optax.warmup_cosine_decay_schedule(1e-4, 1e-2, 2, 8, 1e-4)
-  ours = optim.masked_adamw(sched, weight_decay=0.1, decay_mask=_matrices, unit_ndim=_units)
+  ours = optimizers.masked_adamw(sched, weight_decay=0.1, decay_mask=_matrices, unit_ndim=_units)
   ref = optax.adamw(sched, weight_decay=0.1, mask=_matrices)
   s_ours, s_ref, p_ours, p_ref = ours.init(params), ref.init(params), params, params
   for _ in range(6):
@@ -61,7 +61,7 @@ def test_kept_branch_gets_numpy_adamw_and_dropped_branch_stays_bit_identical():
   rng = np.random.default_rng(1)
   params = _tree(rng)
   lr, wd = 3e-3, 0.05
-  tx = optim.masked_adamw(lr, weight_decay=wd, decay_mask=_matrices, unit_ndim=_units)
+  tx = optimizers.masked_adamw(lr, weight_decay=wd, decay_mask=_matrices, unit_ndim=_units)
   state = tx.init(params)
   # A history in which the branches were kept different numbers of times: counts 2, 0, 5.
   mu = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 0.1, jnp.float32), params)
@@ -72,7 +72,7 @@ def test_kept_branch_gets_numpy_adamw_and_dropped_branch_stays_bit_identical():
   grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
   keep = {"m": {"lora_a": jnp.asarray([True, False, True])}, "head": {"kernel": True, "bias": True}}
   updates, new = tx.update(grads, state, params, keep=keep)
-  got = optim.apply_kept_updates(params, updates, keep)
+  got = optimizers.apply_kept_updates(params, updates, keep)
 
   a = "m", "lora_a"
   leaf = lambda t: t[a[0]][a[1]]
@@ -95,7 +95,7 @@ def test_kept_branch_gets_numpy_adamw_and_dropped_branch_stays_bit_identical():
 
 def test_a_never_kept_branch_is_not_divided_by_zero():
   params = {"lora_a": jnp.ones((2, 3, 1))}
-  tx = optim.masked_adamw(1e-2, unit_ndim=lambda t: {"lora_a": 1})
+  tx = optimizers.masked_adamw(1e-2, unit_ndim=lambda t: {"lora_a": 1})
   state = tx.init(params)
   updates, state = tx.update({"lora_a": jnp.ones((2, 3, 1))}, state, params, keep={"lora_a": jnp.asarray([False, True])})
   assert np.all(np.isfinite(updates["lora_a"])) and not np.any(updates["lora_a"][0])
@@ -104,7 +104,7 @@ def test_a_never_kept_branch_is_not_divided_by_zero():
 
 def test_apply_kept_updates_keeps_a_negative_zero():
   params = {"b": jnp.asarray([[-0.0, 1.0]])}
-  out = optim.apply_kept_updates(params, {"b": jnp.zeros((1, 2))}, {"b": jnp.asarray([False])})
+  out = optimizers.apply_kept_updates(params, {"b": jnp.zeros((1, 2))}, {"b": jnp.asarray([False])})
   assert _bits(out["b"]) == _bits(params["b"])
   assert _bits(optax.apply_updates(params, {"b": jnp.zeros((1, 2))})["b"]) != _bits(params["b"])  # why it exists
 
@@ -113,7 +113,7 @@ def test_share_per_block_sums_a_blocks_updates_and_leaves_the_rest():
   g = {"Transformer": {"encoderblock_0": {"q": {"s": jnp.float32(1.0)}, "v": {"s": jnp.float32(2.0)}},
                       "encoderblock_1": {"q": {"s": jnp.float32(5.0)}}},
        "head": {"bias": jnp.asarray([3.0])}}
-  out, _ = optim.share_per_block(optim.encoder_block).update(g, optax.EmptyState())
+  out, _ = optimizers.share_per_block(optimizers.encoder_block).update(g, optax.EmptyState())
   assert float(out["Transformer"]["encoderblock_0"]["q"]["s"]) == 3.0
   assert float(out["Transformer"]["encoderblock_0"]["v"]["s"]) == 3.0
   assert float(out["Transformer"]["encoderblock_1"]["q"]["s"]) == 5.0
@@ -121,6 +121,6 @@ def test_share_per_block_sums_a_blocks_updates_and_leaves_the_rest():
 
 
 def test_update_without_params_is_a_clear_error():
-  tx = optim.masked_adamw(1e-3)
+  tx = optimizers.masked_adamw(1e-3)
   with pytest.raises(ValueError, match="needs the params"):
     tx.update({"a": jnp.ones(2)}, tx.init({"a": jnp.ones(2)}))

@@ -1,6 +1,6 @@
 r"""Input-pipeline throughput: decode + RGB + bicubic resize, and train_batches.
 
-  python -m dmlora_jax.data.bench_pipeline [--root ../shared/data/vtab1k] [--task cifar10] \
+  python benchmarks/bench_pipeline.py [--root ../shared/data/vtab1k] [--task cifar10] \
       [--size 224] [--workers 2] [--batch 64]
 
 Reports images/s of decoding the task's train800val200 split at --size (all cores via the
@@ -9,12 +9,15 @@ thread pool, and one thread) and of iterating train_batches over the cached spli
 
 import argparse
 import os
+import sys
 import time
 
-from dmlora_jax import config_base, data
-from dmlora_jax.data import folder, images
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dmlora_jax import config_base, data  # noqa: E402
+from dmlora_jax.data import folder, images  # noqa: E402
+
 DEFAULT_ROOT = os.path.join(os.path.dirname(REPO), "shared", "data", "vtab1k")
 
 

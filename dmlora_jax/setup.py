@@ -1,0 +1,112 @@
+"""What a run is made of, built the same way by the trainer, the sweep and the bench: the
+resolved config and its method, the model, the initial params split into the leaves the
+method trains and the frozen rest, the step plan, and each stage's optimizer and step
+configuration.
+
+  s = setup.build(config, num_classes)          # config: config_base.resolve(...) first
+  plan = s.plan(num_train_examples)
+  tx, lr = s.optimizer(1, plan)
+  step_fn = steps.make_train_step(s.model, tx, s.step_config(1, plan))
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dmlora_jax import config_base, data, dmlora, methods, npz, optimizers, partition, pytrees, steps, vit
+from dmlora_jax.progress import say
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  steps_per_epoch: int
+  stage1_steps: int
+  stage2_steps: int
+
+  @property
+  def total(self) -> int:
+    return self.stage1_steps + self.stage2_steps
+
+  def stage_steps(self, stage: int) -> int:
+    return self.stage1_steps if stage == 1 else self.stage2_steps
+
+
+def build_model(config, num_classes: int, adapter: dmlora.AdapterSpec | None = None) -> vit.ViT:
+  """The ViT of config.model; a plain one without `adapter`."""
+  m = config.model
+  cfg = vit.parse_variant(m.variant, num_classes, representation_size=m.representation_size,
+                          gelu_approximate=m.gelu_approximate, dtype=m.dtype, remat=m.remat,
+                          drop_path=m.drop_path)
+  return vit.ViT(cfg, adapter)
+
+
+def init_params(model: vit.ViT, config, image_size: int) -> tuple[dict, str]:
+  """Random init from config.seed, then the base checkpoint if one is configured.
+  Returns (params as host arrays, fingerprint of the base weights)."""
+  key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  params = jax.jit(model.init)(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
+  params = jax.tree.map(np.asarray, params)
+  path = config.model.init_checkpoint
+  if path:
+    return npz.load_pretrained(params, path)
+  say("WARNING: model.init_checkpoint is empty; fine-tuning a randomly initialised backbone")
+  base = {k: v for k, v in pytrees.flatten(params).items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
+  return params, "random:" + npz.fingerprint(base)
+
+
+def count(tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+@dataclasses.dataclass
+class Setup:
+  config: ml_collections.ConfigDict
+  method: methods.Method
+  adapter: dmlora.AdapterSpec | None
+  model: vit.ViT
+  params: dict
+  trainable: dict  # the leaves the method ever trains (its train state and checkpoints)
+  frozen: dict
+  base_fingerprint: str
+  num_classes: int
+
+  def plan(self, num_train: int) -> Plan:
+    c = self.config
+    spe = data.steps_per_epoch(num_train, c.batch_size)
+    if spe == 0:
+      raise config_base.ConfigError(f"config.batch_size={c.batch_size} exceeds the {num_train} training examples")
+    return Plan(spe, c.stage1.epochs * spe, self.method.stage2_epochs(c) * spe)
+
+  def optimizer(self, stage: int, plan: Plan):
+    """(optax transformation, learning-rate schedule) of a stage."""
+    return optimizers.make_optimizer(self.method, stage, plan.stage_steps(stage), self.config)
+
+  def step_config(self, stage: int, plan: Plan) -> steps.StepConfig:
+    c, d, ad = self.config, self.config.dmlora, self.adapter
+    drop = self.method.drop and ad is not None
+    return steps.StepConfig(
+        trained=self.method.trained(stage, c.stage2.train_head), normalization=c.data.normalization,
+        stage1_steps=plan.stage1_steps, drop=drop and stage == 1, drop_schedule=d.drop_schedule,
+        drop_start=d.drop_start, drop_end=d.drop_end, drop_steps=d.drop_steps, min_active=d.min_active,
+        rescale=d.rescale, mask_shape=(self.model.cfg.depth, len(ad.targets), ad.num_branches) if ad else None,
+        targets=tuple(ad.targets) if ad else ())
+
+  def host_state(self, stage: int, plan: Plan, trainable=None, step: int = 0) -> steps.TrainState:
+    """The train state of a stage on the host, with a fresh optimizer state."""
+    trainable = self.trainable if trainable is None else trainable
+    tx, _ = self.optimizer(stage, plan)
+    return steps.TrainState(step=np.int32(step), trainable=trainable, frozen=self.frozen,
+                            opt_state=jax.tree.map(np.asarray, tx.init(trainable)))
+
+
+def build(config: ml_collections.ConfigDict, num_classes: int) -> Setup:
+  """The model and initial params of a (resolved) config for a task of num_classes."""
+  method = methods.get(config.method)
+  adapter = method.adapter(config)
+  model = build_model(config, num_classes, adapter)
+  params, fingerprint = init_params(model, config, config.data.image_size)
+  trainable, frozen = partition.split(params, method.owned)
+  return Setup(config, method, adapter, model, params, trainable, frozen, fingerprint, num_classes)
