@@ -114,7 +114,7 @@ def knob_table(knobs: dict, tasks) -> list[str]:
   return lines
 
 
-def plot_scales(runs: dict, tasks, path: str) -> bool:
+def plot_scales(runs: dict, tasks, path: str, seeds: int) -> bool:
   """log2(alpha_l / alpha) of the dmlora row, mean over seeds: modules x tasks."""
   import matplotlib
   matplotlib.use("Agg")
@@ -133,7 +133,7 @@ def plot_scales(runs: dict, tasks, path: str) -> bool:
   im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
   ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
   ax.set_yticks(range(len(mods)), [sweep_report._short(m) for m in mods], fontsize=6)
-  ax.set_title("2S-LS: learned $\\log_2(\\alpha_l / \\alpha)$\n(dmlora row, mean over 3 seeds)", fontsize=9)
+  ax.set_title(f"2S-LS: learned $\\log_2(\\alpha_l / \\alpha)$\n(dmlora row, mean over {seeds} seeds)", fontsize=9)
   fig.colorbar(im, ax=ax)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -142,7 +142,7 @@ def plot_scales(runs: dict, tasks, path: str) -> bool:
 
 
 def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict, rows, tasks,
-          smoke: bool = False) -> None:
+          smoke: bool = False, seeds: int = 3, command: str = "", not_run: str = "") -> None:
   RECIPE, ROWS, TASKS = recipe, rows, tasks
   runs = sweep_report.load_runs(main_out)
   sweep_json = json.load(open(os.path.join(main_out, "sweep.json")))
@@ -150,7 +150,7 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
   name = "real_backbone_smoke" if smoke else "real_backbone"
   os.makedirs(os.path.join(report_to, "results"), exist_ok=True)
   png = os.path.join(report_to, f"{name}_scales.png")
-  has_plot = plot_scales(runs, TASKS, png)
+  has_plot = plot_scales(runs, TASKS, png, seeds)
   t_lines, t_data = test_table(runs, ROWS, TASKS)
   d_lines, d_data = diff_table(runs)
   s_lines, s_data = stage2_table(main_out, TASKS)
@@ -158,14 +158,15 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
   cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine()) \
       if os.path.exists("/proc/cpuinfo") else platform.machine()
   md = [f"# The real-backbone study{' (SMOKE: pipeline check, numbers mean nothing)' if smoke else ''}", "",
-        "Command: `python benchmarks/study_real_backbone.py --out runs/study_real` "
+        f"Command: `{command or 'python benchmarks/study_real_backbone.py --out runs/study_real'}` "
         f"(run time {wall / 3600:.1f} h on {os.cpu_count()} CPU cores, {cpu}; phases: "
         + ", ".join(f"{k} {v / 3600:.1f} h" for k, v in times.items()) + ").",
         "Recipe: " + ", ".join(f"`{k}={v}`" for k, v in RECIPE.items()) + "; knobs chosen on val200: "
         + (", ".join(f"`{k}={v}`" for k, v in knobs["overrides"].items()) or "the defaults") + ".", "",
-        "## Test top-1 (%), 3 seeds", "",
+        *([f"**Scope of this run:** {not_run}", ""] if not_run else []),
+        f"## Test top-1 (%), {seeds} seeds", "",
         "train800val200 -> test, every choice made on val200 (train800 -> val200). Mean ± sample std over the "
-        "seeds; the mean over tasks is each seed's mean over the three tasks, then mean ± std over seeds.", ""]
+        f"seeds; the mean over tasks is each seed's mean over the {len(TASKS)} tasks, then mean ± std over seeds.", ""]
   md += t_lines
   md += ["", "## Paired differences (test top-1 points)", "",
          "a - b over runs with the same task and seed (dmlora and dropout share their stage 1 exactly, so "

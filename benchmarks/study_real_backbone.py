@@ -214,8 +214,21 @@ def main(argv=None) -> int:
     rc = timed("main", lambda: sweep(main_out, rows, {**common, **main_over}, [], args.jobs, tasks, args.seeds))
   if args.phase in ("all", "report"):
     import real_backbone_report
+    parts = [("--tasks", args.tasks, ",".join(TASKS)), ("--rows", args.rows, ",".join(ROWS)),
+             ("--seeds", str(args.seeds), str(SEEDS)), ("--knobs", args.knobs, ",".join(KNOBS))]
+    command = "python benchmarks/study_real_backbone.py --out runs/study_real" + "".join(
+        f" {flag} {v}" for flag, v, default in parts if v != default)
+    missing = [f"rows {', '.join(r for r in ROWS if r not in rows)}" if len(rows) < len(ROWS) else "",
+               f"tasks {', '.join(t for t in TASKS if t not in tasks)}" if len(tasks) < len(TASKS) else "",
+               ("seed " if args.seeds + 1 == SEEDS else "seeds ") + ", ".join(str(i) for i in range(args.seeds + 1, SEEDS + 1))
+               if args.seeds < SEEDS else "",
+               f"knob variants {', '.join(k for k in KNOBS if k not in knobs['scores'] or math.isnan(knobs['scores'][k]['mean']))}"
+               if any(k not in knobs["scores"] or math.isnan(knobs["scores"][k]["mean"]) for k in KNOBS) else ""]
+    missing = [m for m in missing if m]
+    not_run = ("a part of the full study; not run yet: " + "; ".join(missing) +
+               ". The full study is the same command without --tasks/--rows/--seeds/--knobs (it resumes).") if missing else ""
     real_backbone_report.write(main_out, knobs, times, args.report_to, common if args.smoke else RECIPE, rows, tasks,
-                               smoke=args.smoke)
+                               smoke=args.smoke, seeds=args.seeds, command=command, not_run=not_run)
   return rc
 
 

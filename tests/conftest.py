@@ -17,8 +17,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # mock_data included, which leaves an empty tmp*tfds directory per builder) goes into one
 # directory that is removed at the end.
 SESSION_TMP = tempfile.mkdtemp(prefix="dmlora_jax_tests_")
+# Under pytest-xdist (-n 2) each worker imports this file again, inside the first process's
+# SESSION_TMP (TMPDIR is inherited): SHARED_TMP is the first process's directory, the same
+# for every worker, where fixtures that should run once per session (the tiny sweep) live.
+SHARED_TMP = os.environ.setdefault("DMLORA_JAX_TESTS_SHARED", SESSION_TMP)
 os.environ["TMPDIR"] = SESSION_TMP
 tempfile.tempdir = SESSION_TMP
+# One XLA compilation cache for the session (this process and its subprocesses): the many
+# tiny trainings compile the same few programs; only compile time changes, never a result.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(SESSION_TMP, "xla_cache")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 
 def pytest_unconfigure(config):

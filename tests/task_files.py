@@ -9,6 +9,7 @@ outside the repository and nothing is downloaded.
   under images/ to class ids (the digit + 100: ids need not start at 0), from the same images.
 """
 
+import fcntl
 import functools
 import json
 import os
@@ -16,7 +17,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from conftest import SESSION_TMP
+from conftest import SHARED_TMP
 from dmlora_jax.data import demo
 
 SPLITS = ("train800", "val200", "train800val200", "test")
@@ -27,9 +28,24 @@ def _digits():
   return imgs, labels, demo.split_indices(len(labels))
 
 
+def _once(name: str, build) -> str:
+  """SHARED_TMP/name, built by build(root) once per session: the workers of pytest -n share
+  it (one builds, holding a lock; a marker says it is complete)."""
+  root = os.path.join(SHARED_TMP, name)
+  with open(root + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(root + ".done"):
+      build(root)
+      open(root + ".done", "w").close()
+  return root
+
+
 @functools.cache
 def vtab_root() -> str:
-  root = os.path.join(SESSION_TMP, "vtab1k")
+  return _once("vtab1k", _write_vtab)
+
+
+def _write_vtab(root: str) -> None:
   path = os.path.join(root, "digits")
   imgs, labels, idx = _digits()
   for split in SPLITS:
@@ -43,7 +59,6 @@ def vtab_root() -> str:
       f.writelines(lines)
   with open(os.path.join(path, "classes.txt"), "w") as f:
     f.writelines(f"{d}\n" for d in range(10))
-  return root
 
 
 def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +69,10 @@ def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.cache
 def fgvc_root() -> str:
-  root = os.path.join(SESSION_TMP, "fgvc")
+  return _once("fgvc", _write_fgvc)
+
+
+def _write_fgvc(root: str) -> None:
   path = os.path.join(root, "cub")
   imgs, labels, idx = _digits()
   parts = {"train": idx["train800"], "val": idx["val200"], "test": idx["test"][:300]}
@@ -68,4 +86,3 @@ def fgvc_root() -> str:
       entries[rel] = int(100 + labels[j])
     with open(os.path.join(path, f"{split}.json"), "w") as f:
       json.dump(entries, f)
-  return root

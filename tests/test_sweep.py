@@ -7,9 +7,11 @@ also by test_report.py through `tiny_sweep` (a second call finds every run finis
 at once). Tests that change a sweep directory work on a copy of it.
 """
 
+import fcntl
 import json
 import math
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -37,12 +39,17 @@ def sweep_args(out) -> list[str]:
 
 
 def tiny_sweep(tmp_path_factory) -> tuple[str, int]:
-  """Runs (or finds) the one tiny sweep of the session; returns (sweep dir, exit status of the first run)."""
-  out = tmp_path_factory.getbasetemp() / "tiny_sweep"
+  """Runs (or finds) the one tiny sweep of the session; returns (sweep dir, exit status of the
+  first run). Workers of pytest -n share it: the first one runs it, holding a lock."""
+  from conftest import SHARED_TMP
+  out = pathlib.Path(SHARED_TMP) / "tiny_sweep"
+  out.mkdir(parents=True, exist_ok=True)
   first = out / "first_rc"
-  if not first.exists():
-    rc = sweep.main(sweep_args(out))
-    first.write_text(str(rc))
+  with open(out.parent / "tiny_sweep.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not first.exists():
+      rc = sweep.main(sweep_args(out))
+      first.write_text(str(rc))
   return str(out), int(first.read_text())
 
 
