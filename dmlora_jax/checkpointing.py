@@ -21,6 +21,9 @@ from flax import serialization
 from dmlora_jax.progress import say
 
 
+LEGACY_ITEM = "state"  # before 9791675: trained leaves and optimizer state in one item
+
+
 class ResumeError(RuntimeError):
   """A checkpoint that exists but cannot be used for this run."""
 
@@ -85,6 +88,12 @@ class Checkpointer:
     """({item name: tree}, meta) of one step, only the items that targets_for_meta names."""
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     targets = targets_for_meta(meta)
+    step_dir = os.path.join(self.directory, str(step))
+    if os.path.isdir(os.path.join(step_dir, LEGACY_ITEM)) and not any(
+        os.path.isdir(os.path.join(step_dir, name)) for name in targets):
+      raise ResumeError(f"checkpoint {step_dir} holds one '{LEGACY_ITEM}' item, the layout of dmlora_jax before "
+                        f"commit 9791675; this version reads the items {', '.join(targets)}: finish that run with "
+                        "the version that started it, or use another --workdir")
     args = {name: ocp.args.StandardRestore(jax.tree.map(np.asarray, serialization.to_state_dict(t)))
             for name, t in targets.items()}
     got = self.manager.restore(step, args=ocp.args.Composite(**args))

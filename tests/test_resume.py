@@ -95,6 +95,22 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(uninterrupted,
   assert os.path.exists(os.path.join(wd, "merged.npz"))
 
 
+def test_checkpoint_in_the_old_one_item_layout_is_refused_in_one_line_and_kept(uninterrupted, tmp_path):
+  wd = str(tmp_path / "old_layout")
+  shutil.copytree(uninterrupted, wd)
+  ck = os.path.join(wd, "checkpoints")
+  for step in (s for s in os.listdir(ck) if s.isdigit()):  # every step as the old version wrote it
+    os.rename(os.path.join(ck, step, "trainable"), os.path.join(ck, step, "state"))
+    shutil.rmtree(os.path.join(ck, step, "opt_state"))
+  before = sorted(os.listdir(ck))
+  r = run_main(["--mode=export"] + ARGS + [f"--workdir={wd}"], env_extra=ENV)
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "the layout of dmlora_jax before" in lines[0] and "trainable" in lines[0], r.stderr
+  assert "Traceback" not in r.stderr and sorted(os.listdir(ck)) == before  # nothing moved aside
+  assert not os.path.exists(os.path.join(wd, "checkpoints_damaged"))
+
+
 @pytest.mark.parametrize("override,message", [
     ("--config.seed=7", "was trained from base weights"),  # another random backbone
     ("--config.batch_size=16", "steps per epoch"),  # the data order would not replay
