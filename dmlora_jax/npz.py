@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dmlora_jax import dmlora
+from dmlora_jax import dmlora, timm_format
 from dmlora_jax.pytrees import flatten, unflatten
 
 POSEMB = "Transformer/posembed_input/pos_embedding"
@@ -39,6 +39,26 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
   if any(k.startswith(prefix) for k in flat):
     flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
   return flat
+
+
+def load_checkpoint(path: str, num_heads: int) -> dict[str, np.ndarray]:
+  """A base checkpoint as {public name: array}: `.npz` in the public naming, or `.safetensors`
+  in timm's ViT naming (the fused qkv split into num_heads heads)."""
+  if not path.endswith(".safetensors"):
+    return load_npz(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f"checkpoint file not found: {path}")
+  try:
+    sd = timm_format.load_safetensors(path)
+    if timm_format.is_timm(sd):
+      return timm_format.to_public(sd, num_heads, where=path)
+  except timm_format.FormatError as e:
+    raise CheckpointError(str(e)) from e
+  if any(k.startswith("Transformer/") for k in sd):
+    return sd  # the public naming, stored as safetensors
+  raise CheckpointError(f"{path}: unknown layout (first keys {sorted(sd)[:3]}); expected timm's ViT naming "
+                        "(cls_token, pos_embed, patch_embed.proj.weight, blocks.N.attn.qkv.weight, ...) or the "
+                        "public one (Transformer/encoderblock_N/...)")
 
 
 def save_npz(path: str, params: Mapping[str, Any]) -> None:
@@ -101,9 +121,10 @@ def load_pretrained(init_params: Mapping[str, Any], path: str) -> tuple[dict, st
   - the position embedding is resampled when the token grid differs.
   Adapter leaves keep their init. Returns (params, fingerprint of the checkpoint).
   """
-  ckpt = load_npz(path)
-  fp = fingerprint(ckpt)
   model = flatten(init_params)
+  ckpt = load_checkpoint(path, num_heads=next(
+      v.shape[1] for k, v in model.items() if k.endswith("MultiHeadDotProductAttention_1/query/kernel")))
+  fp = fingerprint(ckpt)
   base = {k: v for k, v in model.items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
   has_pre_logits = any(k.startswith("pre_logits/") for k in base)
   out = dict(model)

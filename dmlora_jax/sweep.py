@@ -349,6 +349,7 @@ class Sweep:
         # A tune run's merged model is never used again and is backbone-sized (~350 MB for
         # B/16); its results.json and adapter-sized checkpoints stay.
         _remove(os.path.join(wd, "merged.npz"))
+        _remove(os.path.join(wd, "merged.safetensors"))
       self.say(f"{head}: {_acc_str(res)} in {time.time() - t:.0f}s (sweep {_hms(time.time() - self.t0)})")
       return res
     except Exception as e:  # one failed run is reported, the sweep goes on

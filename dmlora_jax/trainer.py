@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dmlora_jax import config_base, data, dmlora, hostmem, merge, npz, pytrees, setup
+from dmlora_jax import config_base, data, dmlora, hostmem, merge, npz, pytrees, setup, timm_format
 from dmlora_jax.checkpointing import ResumeError
 from dmlora_jax.config_base import ConfigError
 from dmlora_jax.evaluation import Evaluator
@@ -28,9 +28,18 @@ USER_ERRORS = (ConfigError, ResumeError, npz.CheckpointError, data.DataError, Fi
 # ---- results ----
 
 def export_merged(params: dict, workdir: str) -> str:
+  """merged.npz (public naming) and, for the plain head, merged.safetensors (timm's naming):
+  the same merged weights, loadable by timm's ViT as they are."""
   path = os.path.join(workdir, "merged.npz")
   if jax.process_index() == 0:
-    npz.save_npz(path, merge.merge_params(params))
+    merged = merge.merge_params(params)
+    npz.save_npz(path, merged)
+    flat = pytrees.flatten(merged)
+    if any(k.startswith("pre_logits/") for k in flat):
+      say("note: no merged.safetensors (timm's naming has no pre_logits layer); merged.npz holds it")
+    else:
+      timm_format.save_safetensors(os.path.join(workdir, "merged.safetensors"),
+                                   timm_format.from_public({k: np.asarray(v) for k, v in flat.items()}))
   return path
 
 

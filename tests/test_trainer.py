@@ -109,6 +109,10 @@ def test_export_mode_rewrites_the_same_merged_npz_without_decoding_images(learne
   assert set(before) == set(after)
   for k in before:
     np.testing.assert_array_equal(before[k], after[k])
+  # merged.safetensors: the same weights in timm's naming (fused qkv, (out, in) weights).
+  heads = before["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].shape[1]
+  timm = npz.load_checkpoint(os.path.join(wd, "merged.safetensors"), heads)
+  assert set(timm) == set(after) and all(np.array_equal(timm[k], after[k]) for k in after)
 
 
 def _one_batch(t: training.Trainer):
