@@ -43,7 +43,7 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
 
 def load_checkpoint(path: str, num_heads: int) -> dict[str, np.ndarray]:
   """A base checkpoint as {public name: array}: `.npz` in the public naming, or `.safetensors`
-  in timm's ViT naming (the fused qkv split into num_heads heads)."""
+  in timm's ViT naming (the fused qkv split into num_heads heads) or transformers' ViT naming."""
   if not path.endswith(".safetensors"):
     return load_npz(path)
   if not os.path.exists(path):
@@ -52,13 +52,16 @@ def load_checkpoint(path: str, num_heads: int) -> dict[str, np.ndarray]:
     sd = timm_format.load_safetensors(path)
     if timm_format.is_timm(sd):
       return timm_format.to_public(sd, num_heads, where=path)
+    if timm_format.is_hf_vit(sd):
+      return timm_format.to_public(timm_format.hf_to_timm(sd, where=path), num_heads, where=path)
   except timm_format.FormatError as e:
     raise CheckpointError(str(e)) from e
   if any(k.startswith("Transformer/") for k in sd):
     return sd  # the public naming, stored as safetensors
   raise CheckpointError(f"{path}: unknown layout (first keys {sorted(sd)[:3]}); expected timm's ViT naming "
-                        "(cls_token, pos_embed, patch_embed.proj.weight, blocks.N.attn.qkv.weight, ...) or the "
-                        "public one (Transformer/encoderblock_N/...)")
+                        "(cls_token, pos_embed, patch_embed.proj.weight, blocks.N.attn.qkv.weight, ...), transformers' ViT "
+                        "naming (vit.embeddings.cls_token, vit.encoder.layer.N.attention.attention.query.weight, ...) "
+                        "or the public one (Transformer/encoderblock_N/...)")
 
 
 def save_npz(path: str, params: Mapping[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""ViT params in timm's naming (`.safetensors`), to and from the public layout.
+"""ViT params in timm's naming (`.safetensors`), to and from the public layout; transformers'
+ViT naming in (through timm's).
 
 timm's `VisionTransformer` state dict, for the plain family this model implements (class
 token, learned position embedding that includes the class position, pre-LN blocks, final
@@ -125,6 +126,55 @@ def from_public(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     sd["head.weight"] = f["head/kernel"].T
     sd["head.bias"] = f["head/bias"]
   return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+
+
+# Hugging Face transformers ViT (ViTModel / ViTForImageClassification) -> timm names.
+_HF_PREFIX = "vit."
+_HF_BLOCK = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
+             "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+
+
+def is_hf_vit(keys) -> bool:
+  return any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings.")) for k in keys)
+
+
+def hf_to_timm(sd: Mapping[str, np.ndarray], where: str = "checkpoint") -> dict[str, np.ndarray]:
+  """transformers' ViT naming -> timm's (q, k, v fused in that order; `classifier` = head).
+  DINOv2's naming (layer_scale, mask_token) is another family: refused in one line."""
+  out, used = {}, set()
+  strip = lambda k: k[len(_HF_PREFIX):] if k.startswith(_HF_PREFIX) else k
+  s = {strip(k): v for k, v in sd.items()}
+  for k in s:
+    if "layer_scale" in k or k.endswith("mask_token") or "register_tokens" in k:
+      raise FormatError(f"{where}: {k} belongs to DINOv2's naming (LayerScale, registers), which this ViT "
+                        "does not implement yet")
+
+  def take(name):
+    if name not in s:
+      raise FormatError(f"{where}: {name} is missing (a transformers ViT has it)")
+    used.add(name)
+    return np.asarray(s[name])
+
+  out["cls_token"] = take("embeddings.cls_token")
+  out["pos_embed"] = take("embeddings.position_embeddings")
+  for p in ("weight", "bias"):
+    out[f"patch_embed.proj.{p}"] = take(f"embeddings.patch_embeddings.projection.{p}")
+    out[f"norm.{p}"] = take(f"layernorm.{p}")
+  blocks = {int(m.group(1)) for k in s if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
+  for i in sorted(blocks):
+    src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
+    for p in ("weight", "bias"):
+      out[dst + f"attn.qkv.{p}"] = np.concatenate(
+          [take(src + f"attention.attention.{n}.{p}") for n in ("query", "key", "value")])
+      for hf, timm in _HF_BLOCK.items():
+        out[dst + f"{timm}.{p}"] = take(src + f"{hf}.{p}")
+  if "classifier.weight" in s:
+    out["head.weight"], out["head.bias"] = take("classifier.weight"), take("classifier.bias")
+  # ViTModel's pooler (dense + tanh on the class token) is dropped, as pre_logits is for .npz.
+  extra = sorted(set(s) - used - {"pooler.dense.weight", "pooler.dense.bias"})
+  if extra:
+    raise FormatError(f"{where}: {extra[0]} has no place in this ViT" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+  return out
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:

@@ -112,8 +112,49 @@ def test_a_timm_file_this_vit_cannot_hold_is_one_line_that_names_the_key(tmp_pat
 
 
 def test_a_safetensors_file_in_another_naming_lists_what_was_expected(tmp_path):
-  path = str(tmp_path / "hf.safetensors")
-  save_file({"vit.embeddings.cls_token": np.zeros((1, 1, D), np.float32)}, path)
+  path = str(tmp_path / "clip.safetensors")
+  save_file({"visual.conv1.weight": np.zeros((D, 3, P, P), np.float32)}, path)  # open_clip naming
   with pytest.raises(npz.CheckpointError, match="unknown layout .* expected timm's ViT naming") as e:
+    npz.load_pretrained(_model()[1], path)
+  assert "\n" not in str(e.value)
+
+
+def hf_weights(sd) -> dict[str, np.ndarray]:
+  """timm_weights in transformers' ViTForImageClassification naming, renamed by hand."""
+  hf = {"vit.embeddings.cls_token": sd["cls_token"], "vit.embeddings.position_embeddings": sd["pos_embed"],
+        "vit.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+        "vit.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "vit.layernorm.weight": sd["norm.weight"], "vit.layernorm.bias": sd["norm.bias"],
+        "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]}
+  for i in range(DEPTH):
+    t, h = f"blocks.{i}.", f"vit.encoder.layer.{i}."
+    for p in ("weight", "bias"):
+      for j, n in enumerate(("query", "key", "value")):
+        hf[h + f"attention.attention.{n}.{p}"] = sd[t + f"attn.qkv.{p}"][j * D:(j + 1) * D]
+      hf[h + f"attention.output.dense.{p}"] = sd[t + f"attn.proj.{p}"]
+      hf[h + f"layernorm_before.{p}"] = sd[t + f"norm1.{p}"]
+      hf[h + f"layernorm_after.{p}"] = sd[t + f"norm2.{p}"]
+      hf[h + f"intermediate.dense.{p}"] = sd[t + f"mlp.fc1.{p}"]
+      hf[h + f"output.dense.{p}"] = sd[t + f"mlp.fc2.{p}"]
+  return {k: np.ascontiguousarray(v) for k, v in hf.items()}
+
+
+def test_transformers_vit_safetensors_loads_and_gives_timms_logits(tmp_path):
+  sd = timm_weights(5)
+  path = str(tmp_path / "model.safetensors")
+  save_file(hf_weights(sd), path)
+  model, init = _model()
+  params, _ = npz.load_pretrained(init, path)
+  x = np.random.default_rng(2).standard_normal((2, 3, IMG, IMG)).astype(np.float32)
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1))))
+  np.testing.assert_allclose(got, timm_forward(sd, x), atol=1e-5)
+
+
+def test_dinov2_naming_is_refused_in_one_line_naming_layerscale(tmp_path):
+  hf = hf_weights(timm_weights())
+  hf["vit.encoder.layer.0.layer_scale1.lambda1"] = np.ones(D, np.float32)
+  path = str(tmp_path / "dinov2.safetensors")
+  save_file(hf, path)
+  with pytest.raises(npz.CheckpointError, match="layer_scale1.lambda1 belongs to DINOv2's naming") as e:
     npz.load_pretrained(_model()[1], path)
   assert "\n" not in str(e.value)
