@@ -88,10 +88,11 @@ def backbone(out: str) -> str:
   return path
 
 
-def sweep(out: str, rows, overrides: dict, extra: list[str], jobs: int, tasks=TASKS, seeds=SEEDS) -> int:
+def sweep(out: str, rows, overrides: dict, extra: list[str], jobs: int, tasks=TASKS, seeds=SEEDS,
+          stage2_lrs=STAGE2_LRS) -> int:
   from dmlora_jax import sweep as sweep_mod
   argv = ["--out", out, "--tasks", ",".join(tasks), "--rows", ",".join(rows), "--lrs", _grid(LRS),
-          "--stage2_lrs", _grid(STAGE2_LRS), "--seeds", str(seeds), "--isolate", "--jobs", str(jobs)]
+          "--stage2_lrs", _grid(stage2_lrs), "--seeds", str(seeds), "--isolate", "--jobs", str(jobs)]
   for row, grid in ROW_LRS.items():
     if row in rows:
       argv += ["--row_lrs", f"{row}={_grid(grid)}"]
@@ -168,6 +169,8 @@ def main(argv=None) -> int:
   p.add_argument("--knobs", default=",".join(KNOBS),
                  help="knob phase: the variants to run (comma list of " + ", ".join(KNOBS) + ", or 'none' to "
                       "only read what earlier runs left); the choice uses every variant that has all three tasks")
+  p.add_argument("--stage2_lrs", default=_grid(STAGE2_LRS),
+                 help=f"main phase: the dmlora rows' stage-2 lr grid (default {_grid(STAGE2_LRS)})")
   p.add_argument("--main_knobs", choices=("chosen", "base"), default="chosen",
                  help="main phase: the knob phase's choice, or the defaults (K=4, rank 8, drop_end 0.5)")
   args = p.parse_args(argv)
@@ -211,11 +214,13 @@ def main(argv=None) -> int:
   main_out = main_dir(out, main_over)
   rc = 0
   if args.phase in ("all", "main"):
-    rc = timed("main", lambda: sweep(main_out, rows, {**common, **main_over}, [], args.jobs, tasks, args.seeds))
+    s2 = tuple(float(v) for v in args.stage2_lrs.split(","))
+    rc = timed("main", lambda: sweep(main_out, rows, {**common, **main_over}, [], args.jobs, tasks, args.seeds, s2))
   if args.phase in ("all", "report"):
     import real_backbone_report
     parts = [("--tasks", args.tasks, ",".join(TASKS)), ("--rows", args.rows, ",".join(ROWS)),
-             ("--seeds", str(args.seeds), str(SEEDS)), ("--knobs", args.knobs, ",".join(KNOBS))]
+             ("--seeds", str(args.seeds), str(SEEDS)), ("--knobs", args.knobs, ",".join(KNOBS)),
+             ("--stage2_lrs", args.stage2_lrs, _grid(STAGE2_LRS))]
     command = "python benchmarks/study_real_backbone.py --out runs/study_real" + "".join(
         f" {flag} {v}" for flag, v, default in parts if v != default)
     missing = [f"rows {', '.join(r for r in ROWS if r not in rows)}" if len(rows) < len(ROWS) else "",

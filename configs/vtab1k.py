@@ -16,8 +16,9 @@ Command (one task, final protocol: train800val200 -> test):
 - `:task=cifar,runlocal` shrinks the run to a tiny-model smoke test.
 
 Recipe: AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs (10 warm-up, cosine) for stage 1,
-then 10 epochs of 2S-LS at lr 1e-4; K=4 branches of rank 8 on q/k/v, alpha 8, branch drop
-probability linear 0 -> 0.5, resolution 224.
+then 10 epochs of 2S-LS (Adam on log alpha_l, config.stage2.lr; the paper's "one tenth of
+stage 1", 1e-4 here, barely moves the scales: see the README's known limits); K=4 branches
+of rank 8 on q/k/v, alpha 8, branch drop probability linear 0 -> 0.5, resolution 224.
 Expected time: 1,000 images x 110 epochs of ViT-B/16 training is about 110k image-steps:
 roughly 10-15 min on one A100/H100 class GPU or a TPU v3-8 (not measured here); it is
 impractical on a 2-core CPU (see benchmarks/README.md for measured CPU throughput).
