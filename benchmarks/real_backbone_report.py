@@ -141,6 +141,9 @@ def plot_scales(runs: dict, tasks, path: str, seeds: int) -> bool:
   return True
 
 
+ALL_TASKS = ("cifar10", "cifar10_t5", "animal_mnist")
+
+
 def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict, rows, tasks,
           smoke: bool = False, seeds: int = 3, command: str = "", not_run: str = "") -> None:
   RECIPE, ROWS, TASKS = recipe, rows, tasks
@@ -174,7 +177,7 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
          "interval that excludes 0.", ""]
   md += d_lines
   md += ["", "## Choices on val200", "", "### The method's knobs (dropout row = DMLoRA's stage 1)", ""]
-  md += knob_table(knobs, TASKS)
+  md += knob_table(knobs, [t for t in ALL_TASKS if any(t in s["val200_best"] for s in knobs["scores"].values())])
   md += ["", f"Chosen: {knobs['chosen']}.", "", "### Learning rates", ""]
   md += choice_table(selection, ROWS, TASKS)
   md += ["", "### 2S-LS: the stage-2 learning rate (tune runs)", ""]

@@ -34,6 +34,7 @@ minutes (pipeline check only: its numbers mean nothing).
 """
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -118,12 +119,21 @@ def knob_phase(out: str, common: dict, jobs: int, names=tuple(KNOBS), run: bool 
     wd = os.path.join(out, "main") if name == "base" else os.path.join(out, "knobs", name)
     if run and name in names:
       sweep(wd, ("dropout",), {**common, **KNOBS[name]}, ["--tune_only"], jobs)
-    if not os.path.exists(os.path.join(wd, "sweep.json")):
+    # From the tune runs' own results (a later sweep of fewer tasks in the same directory
+    # rewrites sweep.json; the runs stay).
+    per_task, lrs, edge = {}, {}, {}
+    for t in TASKS:
+      val = {}
+      for path in glob.glob(os.path.join(wd, "dropout", t, "tune_lr*", "results.json")):
+        res = json.load(open(path))
+        val[res["config"]["stage1.lr"]] = res["accuracy"]["val200"]
+      if len(val) >= len(LRS):  # the whole grid ran
+        lrs[t] = max(val, key=lambda lr: (val[lr], -lr))  # ties: the smaller lr, as the sweep
+        per_task[t] = val[lrs[t]]
+        edge[t] = lrs[t] in (min(val), max(val))
+    if not per_task:
       continue
-    sel = _selection(wd).get("dropout", {})
-    per_task = {t: max(sel[t]["val"].values()) for t in TASKS if sel.get(t, {}).get("val") and sel[t].get("lr")}
-    scores[name] = {"val200_best": per_task, "lr": {t: sel[t]["lr"] for t in per_task},
-                    "edge": {t: sel[t].get("edge", False) for t in per_task},
+    scores[name] = {"val200_best": per_task, "lr": lrs, "edge": edge,
                     "mean": float(sum(per_task.values()) / len(per_task)) if len(per_task) == len(TASKS) else math.nan}
   chosen, over = {}, {}
   for knob, names_ in KNOB_GROUPS.items():
