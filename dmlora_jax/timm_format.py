@@ -38,6 +38,25 @@ class FormatError(ValueError):
   """A checkpoint in a naming or family that cannot be mapped."""
 
 
+def _reader(sd: Mapping[str, np.ndarray], where: str, naming: str):
+  """(take, check_rest): take(name) reads one array (a missing one is an error that names it
+  and the naming); check_rest(ignore) refuses any key that no take() read."""
+  used = set()
+
+  def take(name):
+    if name not in sd:
+      raise FormatError(f"{where}: {name} is missing ({naming} has it)")
+    used.add(name)
+    return np.asarray(sd[name])
+
+  def check_rest(ignore=()):
+    extra = sorted(set(sd) - used - set(ignore))
+    if extra:
+      raise FormatError(f"{where}: {extra[0]} has no place in this ViT" +
+                        (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+  return take, check_rest
+
+
 def is_timm(keys) -> bool:
   return "patch_embed.proj.weight" in keys and any(k.startswith("blocks.") for k in keys)
 
@@ -55,14 +74,8 @@ def to_public(sd: Mapping[str, np.ndarray], num_heads: int, where: str = "checkp
     for part, what in UNSUPPORTED.items():
       if f".{part}." in f".{k}.":
         raise FormatError(f"{where}: {k} is {what}, which this ViT does not implement yet")
-  out, used = {}, set()
-
-  def take(name):
-    if name not in sd:
-      raise FormatError(f"{where}: {name} is missing (a timm ViT with class token and linear head has it)")
-    used.add(name)
-    return np.asarray(sd[name])
-
+  out = {}
+  take, check_rest = _reader(sd, where, "a timm ViT with class token and linear head")
   out["cls"] = take("cls_token")
   out["Transformer/posembed_input/pos_embedding"] = take("pos_embed")
   out["embedding/kernel"] = take("patch_embed.proj.weight").transpose(2, 3, 1, 0)
@@ -90,9 +103,7 @@ def to_public(sd: Mapping[str, np.ndarray], num_heads: int, where: str = "checkp
   if "head.weight" in sd:
     out["head/kernel"] = take("head.weight").T
     out["head/bias"] = take("head.bias")
-  extra = sorted(set(sd) - used)
-  if extra:
-    raise FormatError(f"{where}: {extra[0]} has no place in this ViT" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+  check_rest()
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -141,7 +152,7 @@ def is_hf_vit(keys) -> bool:
 def hf_to_timm(sd: Mapping[str, np.ndarray], where: str = "checkpoint") -> dict[str, np.ndarray]:
   """transformers' ViT naming -> timm's (q, k, v fused in that order; `classifier` = head).
   DINOv2's naming (layer_scale, mask_token) is another family: refused in one line."""
-  out, used = {}, set()
+  out = {}
   strip = lambda k: k[len(_HF_PREFIX):] if k.startswith(_HF_PREFIX) else k
   s = {strip(k): v for k, v in sd.items()}
   for k in s:
@@ -149,12 +160,7 @@ def hf_to_timm(sd: Mapping[str, np.ndarray], where: str = "checkpoint") -> dict[
       raise FormatError(f"{where}: {k} belongs to DINOv2's naming (LayerScale, registers), which this ViT "
                         "does not implement yet")
 
-  def take(name):
-    if name not in s:
-      raise FormatError(f"{where}: {name} is missing (a transformers ViT has it)")
-    used.add(name)
-    return np.asarray(s[name])
-
+  take, check_rest = _reader(s, where, "a transformers ViT")
   out["cls_token"] = take("embeddings.cls_token")
   out["pos_embed"] = take("embeddings.position_embeddings")
   for p in ("weight", "bias"):
@@ -171,9 +177,7 @@ def hf_to_timm(sd: Mapping[str, np.ndarray], where: str = "checkpoint") -> dict[
   if "classifier.weight" in s:
     out["head.weight"], out["head.bias"] = take("classifier.weight"), take("classifier.bias")
   # ViTModel's pooler (dense + tanh on the class token) is dropped, as pre_logits is for .npz.
-  extra = sorted(set(s) - used - {"pooler.dense.weight", "pooler.dense.bias"})
-  if extra:
-    raise FormatError(f"{where}: {extra[0]} has no place in this ViT" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+  check_rest(ignore=("pooler.dense.weight", "pooler.dense.bias"))
   return out
 
 
