@@ -106,14 +106,10 @@ def _grid(values) -> str:
   return ",".join(f"{v:g}" for v in values)
 
 
-def _selection(out: str) -> dict:
-  with open(os.path.join(out, "sweep.json")) as f:
-    return json.load(f)["selection"]
-
-
 def knob_phase(out: str, common: dict, jobs: int, names=tuple(KNOBS), run: bool = True) -> dict:
   """Runs the knob variants `names` (tune only; run=False only reads what earlier runs left)
   and returns the chosen overrides and the evidence. A variant missing a task has no mean."""
+  from dmlora_jax.sweep import select_lr
   scores = {}
   for name in KNOBS:
     wd = os.path.join(out, "main") if name == "base" else os.path.join(out, "knobs", name)
@@ -128,7 +124,7 @@ def knob_phase(out: str, common: dict, jobs: int, names=tuple(KNOBS), run: bool 
         res = json.load(open(path))
         val[res["config"]["stage1.lr"]] = res["accuracy"]["val200"]
       if len(val) >= len(LRS):  # the whole grid ran
-        lrs[t] = max(val, key=lambda lr: (val[lr], -lr))  # ties: the smaller lr, as the sweep
+        lrs[t] = select_lr(dict(sorted(val.items())))  # the sweep's rule (ties: the smaller lr)
         per_task[t] = val[lrs[t]]
         edge[t] = lrs[t] in (min(val), max(val))
     if not per_task:
@@ -233,12 +229,12 @@ def main(argv=None) -> int:
              ("--stage2_lrs", args.stage2_lrs, _grid(STAGE2_LRS))]
     command = "python benchmarks/study_real_backbone.py --out runs/study_real" + "".join(
         f" {flag} {v}" for flag, v, default in parts if v != default)
+    unmeasured = [k for k in KNOBS if k not in knobs["scores"] or math.isnan(knobs["scores"][k]["mean"])]
     missing = [f"rows {', '.join(r for r in ROWS if r not in rows)}" if len(rows) < len(ROWS) else "",
                f"tasks {', '.join(t for t in TASKS if t not in tasks)}" if len(tasks) < len(TASKS) else "",
                ("seed " if args.seeds + 1 == SEEDS else "seeds ") + ", ".join(str(i) for i in range(args.seeds + 1, SEEDS + 1))
                if args.seeds < SEEDS else "",
-               f"knob variants {', '.join(k for k in KNOBS if k not in knobs['scores'] or math.isnan(knobs['scores'][k]['mean']))}"
-               if any(k not in knobs["scores"] or math.isnan(knobs["scores"][k]["mean"]) for k in KNOBS) else ""]
+               f"knob variants {', '.join(unmeasured)}" if unmeasured else ""]
     missing = [m for m in missing if m]
     not_run = ("a part of the full study; not run yet: " + "; ".join(missing) +
                ". The full study is the same command without --tasks/--rows/--seeds/--knobs (it resumes).") if missing else ""
