@@ -29,12 +29,21 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/16"
-  c.model.init_checkpoint = ""  # .npz in the public ViT layout; "" = random init (warned)
+  c.model.init_checkpoint = ""  # .npz (public layout) | .safetensors (timm / transformers) | hf-hub:ORG/NAME; "" = random
   c.model.gelu_approximate = True  # tanh GELU, as the public checkpoints were trained
   c.model.representation_size = 0  # 0 = no pre_logits layer
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.remat = False  # rematerialise each encoder block in the backward pass
   c.model.drop_path = 0.0  # stochastic depth of the last block (some PyTorch recipes use 0.1)
+  # Other ViT families (docs/config.md has the settings of each); the defaults are the original ViT.
+  c.model.layer_scale = False  # LayerScale on each residual branch (DINOv2)
+  c.model.num_registers = 0  # register tokens (DINOv2 with registers: 4)
+  c.model.no_embed_class = False  # the position embedding covers the patches only (timm's DINOv2-reg)
+  c.model.pre_norm = False  # LayerNorm before the first block (CLIP)
+  c.model.activation = "gelu"  # gelu (model.gelu_approximate says which) | quick_gelu (OpenAI CLIP)
+  c.model.pool = "token"  # token: class token | avg: mean patch token with fc_norm
+  c.model.patch_bias = True  # patch-embedding bias (CLIP: False)
+  c.model.layer_norm_eps = 1e-6  # OpenAI CLIP: 1e-5
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "vtab1k_folder"  # vtab1k_folder | fgvc_json | tfds | demo
@@ -230,6 +239,10 @@ def validate(config) -> None:
     raise ConfigError(f"config.{e}") from None
   _one_of("model.dtype", c.model.dtype, ("float32", "bfloat16"))
   _check(0.0 <= c.model.drop_path < 1.0, "model.drop_path", c.model.drop_path, "must be in [0, 1)")
+  _one_of("model.activation", c.model.activation, vit.ACTIVATIONS)
+  _one_of("model.pool", c.model.pool, vit.POOLS)
+  _check(c.model.num_registers >= 0, "model.num_registers", c.model.num_registers, "must be >= 0")
+  _check(c.model.layer_norm_eps > 0, "model.layer_norm_eps", c.model.layer_norm_eps, "must be > 0")
   if c.model.init_checkpoint and not c.model.init_checkpoint.startswith("hf-hub:"):
     _check(os.path.isfile(c.model.init_checkpoint), "model.init_checkpoint", c.model.init_checkpoint,
            "no such file (empty = random init)")

@@ -96,9 +96,9 @@ def fingerprint(flat: Mapping[str, np.ndarray]) -> str:
 def resample_posemb(posemb_1xNxD: np.ndarray, new_tokens: int, num_prefix: int = 1) -> np.ndarray:
   """Resizes the patch-grid part of a position embedding to a new square grid.
 
-  The first `num_prefix` rows (the class token) are kept; the sqrt(N-1) x sqrt(N-1) grid is
-  resized bilinearly (half-pixel centres, as torch's align_corners=False; antialiased when
-  shrinking) to sqrt(new-1) x sqrt(new-1).
+  The first `num_prefix` rows (the class token, registers; 0 when the embedding covers the
+  patches only) are kept; the square grid after them is resized bilinearly (half-pixel centres,
+  as torch's align_corners=False; antialiased when shrinking) to the new square grid.
   """
   prefix, grid = posemb_1xNxD[:, :num_prefix], posemb_1xNxD[:, num_prefix:]
   old, new = int(round(np.sqrt(grid.shape[1]))), int(round(np.sqrt(new_tokens - num_prefix)))
@@ -113,15 +113,29 @@ def resample_posemb(posemb_1xNxD: np.ndarray, new_tokens: int, num_prefix: int =
   return out
 
 
-def load_pretrained(init_params: Mapping[str, Any], path: str) -> tuple[dict, str]:
+# Model leaves that only one ViT family has -> the config field that adds or removes them.
+FAMILY_FIELDS = (("registers", "model.num_registers"), ("/ls1", "model.layer_scale"), ("/ls2", "model.layer_scale"),
+                 ("norm_pre/", "model.pre_norm"), ("fc_norm/", "model.pool=avg"), ("encoder_norm/", "model.pool"),
+                 ("embedding/bias", "model.patch_bias"))
+
+
+def _field_hint(name: str) -> str:
+  for part, field in FAMILY_FIELDS:
+    if part in name:
+      return f"check {field}"
+  return "check model.variant and model.representation_size"
+
+
+def load_pretrained(init_params: Mapping[str, Any], path: str, posemb_prefix: int = 1) -> tuple[dict, str]:
   """Fills the model's base (non-adapter) params from a checkpoint.
 
   init_params is the model's freshly initialised tree: it decides names and shapes.
   - a name missing on either side, or a shape mismatch, is an error that names the first
     offending parameter and both shapes;
-  - the head keeps its fresh init when the checkpoint's class count differs;
+  - the head keeps its fresh init when the checkpoint's class count differs or it has none;
   - pre_logits is dropped when the model has none;
-  - the position embedding is resampled when the token grid differs.
+  - the position embedding is resampled when the token grid differs (its first
+    `posemb_prefix` rows, the class token's and the registers', are kept).
   Adapter leaves keep their init. Returns (params, fingerprint of the checkpoint).
   """
   model = flatten(init_params)
@@ -135,16 +149,18 @@ def load_pretrained(init_params: Mapping[str, Any], path: str) -> tuple[dict, st
     if k.startswith("pre_logits/") and not has_pre_logits:
       logging.info("Dropping %s (the model has no pre_logits layer)", k)
       continue
-    raise CheckpointError(f"{path}: parameter {k} {ckpt[k].shape} is not in the model "
-                          "(check model.variant and model.representation_size)")
+    raise CheckpointError(f"{path}: parameter {k} {ckpt[k].shape} is not in the model ({_field_hint(k)})")
   for k, v in base.items():
+    if k not in ckpt and k.startswith("head/"):
+      logging.info("Keeping the fresh %s (the checkpoint has no head: a backbone only)", k)
+      continue
     if k not in ckpt:
       raise CheckpointError(f"{path}: parameter {k} (model shape {tuple(v.shape)}) is missing "
-                            "from the checkpoint")
+                            f"from the checkpoint ({_field_hint(k)})")
     a = ckpt[k]
     if a.shape != tuple(v.shape):
       if k == POSEMB and a.ndim == 3 and a.shape[2] == v.shape[2]:
-        a = resample_posemb(a, v.shape[1])
+        a = resample_posemb(a, v.shape[1], posemb_prefix)
       elif k.startswith("head/") and a.shape[:-1] == tuple(v.shape[:-1]):
         logging.info("Replacing %s: checkpoint has %d classes, model %d", k, a.shape[-1], v.shape[-1])
         continue

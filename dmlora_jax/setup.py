@@ -37,10 +37,20 @@ class Plan:
 def build_model(config, num_classes: int, adapter: dmlora.AdapterSpec | None = None) -> vit.ViT:
   """The ViT of config.model; a plain one without `adapter`."""
   m = config.model
-  cfg = vit.parse_variant(m.variant, num_classes, representation_size=m.representation_size,
-                          gelu_approximate=m.gelu_approximate, dtype=m.dtype, remat=m.remat,
-                          drop_path=m.drop_path)
-  return vit.ViT(cfg, adapter)
+  return vit.ViT(vit_config(config, num_classes), adapter)
+
+
+def vit_config(config, num_classes: int) -> vit.ViTConfig:
+  """config.model as a ViTConfig (model.variant, then the family fields)."""
+  m = config.model
+  return vit.parse_variant(m.variant, num_classes, representation_size=m.representation_size,
+                           gelu_approximate=m.gelu_approximate, dtype=m.dtype, remat=m.remat,
+                           drop_path=m.drop_path, **{f: m[f] for f in FAMILY_FIELDS})
+
+
+# config.model fields that are ViTConfig fields of the same name (other ViT families).
+FAMILY_FIELDS = ("layer_scale", "num_registers", "no_embed_class", "pre_norm", "activation", "pool", "patch_bias",
+                 "layer_norm_eps")
 
 
 def init_params(model: vit.ViT, config, image_size: int) -> tuple[dict, str]:
@@ -51,7 +61,7 @@ def init_params(model: vit.ViT, config, image_size: int) -> tuple[dict, str]:
   params = jax.tree.map(np.asarray, params)
   path = config.model.init_checkpoint
   if path:
-    return npz.load_pretrained(params, path)
+    return npz.load_pretrained(params, path, posemb_prefix=model.cfg.posemb_prefix)
   say("WARNING: model.init_checkpoint is empty; fine-tuning a randomly initialised backbone")
   base = {k: v for k, v in pytrees.flatten(params).items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
   return params, "random:" + npz.fingerprint(base)

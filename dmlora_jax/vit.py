@@ -9,6 +9,11 @@ Names and shapes are those of the google-research/vision_transformer checkpoints
     LayerNorm_2, MlpBlock_3/Dense_{0,1}/{kernel, bias},
     Transformer/encoder_norm, [pre_logits], head.
 
+Other ViT families add (each a ViTConfig field, off by default): `registers` (1, R, D) after
+the class token; `encoderblock_{i}/ls1`, `ls2` (D,) LayerScale; `Transformer/norm_pre`; `fc_norm`
+(mean pooling, in place of `encoder_norm`); a position embedding over the patches only
+(no_embed_class); no `embedding/bias`; quick-GELU; another LayerNorm eps.
+
 With an `AdapterSpec`, every targeted projection also holds the DMLoRA leaves `lora_a`
 (K, d_in, r), `lora_b` (K, r, d_out) and `lora_log_scale` () = log alpha_l, in its matrix
 view; the stored kernels keep their checkpoint shapes. Without one, the same code is a
@@ -46,6 +51,8 @@ VARIANTS = {
 
 
 LN_EPS = 1e-6
+ACTIVATIONS = ("gelu", "quick_gelu")
+POOLS = ("token", "avg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +68,35 @@ class ViTConfig:
   dtype: str = "float32"
   remat: bool = False
   drop_path: float = 0.0  # stochastic depth of the last block; linear from 0 over depth (timm)
+  # Other ViT families (timm's names in brackets); the defaults are the original ViT.
+  layer_scale: bool = False  # a learned per-channel scale on each residual branch (ls1, ls2: DINOv2, CaiT)
+  num_registers: int = 0  # register tokens after the class token (reg_token: DINOv2-reg)
+  no_embed_class: bool = False  # the position embedding covers the patches only (no_embed_class)
+  pre_norm: bool = False  # a LayerNorm before the first block (norm_pre: CLIP)
+  activation: str = "gelu"  # MLP activation: gelu | quick_gelu (x * sigmoid(1.702 x): OpenAI CLIP)
+  pool: str = "token"  # token: class token, after encoder_norm | avg: mean of the patch tokens, then fc_norm
+  patch_bias: bool = True  # the patch embedding's bias (CLIP has none)
+  layer_norm_eps: float = LN_EPS  # 1e-6 (ViT, DINOv2); OpenAI CLIP uses 1e-5
 
   def __post_init__(self):
     if not 0.0 <= self.drop_path < 1.0:
       raise ValueError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"model.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+    if self.pool not in POOLS:
+      raise ValueError(f"model.pool must be one of {POOLS}, got {self.pool!r}")
+    if self.num_registers < 0:
+      raise ValueError(f"model.num_registers must be >= 0, got {self.num_registers}")
+
+  @property
+  def num_prefix(self) -> int:
+    """Tokens before the patches: the class token and the registers."""
+    return 1 + self.num_registers
+
+  @property
+  def posemb_prefix(self) -> int:
+    """Rows of the position embedding before the patch grid."""
+    return 0 if self.no_embed_class else self.num_prefix
 
   @property
   def head_dim(self) -> int:
@@ -82,7 +114,7 @@ def parse_variant(variant: str, num_classes: int, **kwargs) -> ViTConfig:
 
 
 class ViT(nn.Module):
-  """ViT classifier on the class token.
+  """ViT classifier on the class token (pool="token") or the mean patch token (pool="avg").
 
   __call__(images_BxHxWx3 float, branch_masks=None, train=False) -> logits (B, num_classes).
   branch_masks: (depth, len(adapter.targets), K) keep multipliers; None = all branches, no
@@ -104,9 +136,15 @@ class ViT(nn.Module):
     patches = images.reshape(b, gh, p, gw, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * ch)
     emb = Embedding(c, name="embedding")(patches, ch)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, c.width))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c.width)).astype(emb.dtype), emb], axis=1)
+    prefix = [cls]
+    if c.num_registers:
+      prefix.append(self.param("registers", nn.initializers.zeros, (1, c.num_registers, c.width)))
+    x = jnp.concatenate([jnp.broadcast_to(t, (b,) + t.shape[1:]).astype(emb.dtype) for t in prefix] + [emb], axis=1)
     x = Transformer(c, self.adapter, name="Transformer")(x.astype(jnp.float32), branch_masks, train)
-    x = x[:, 0]
+    if c.pool == "avg":
+      x = LayerNorm(c.layer_norm_eps, name="fc_norm")(x[:, c.num_prefix:].mean(axis=1))
+    else:
+      x = x[:, 0]
     if c.representation_size:
       x = jnp.tanh(nn.Dense(c.representation_size, name="pre_logits")(x))
     return nn.Dense(c.num_classes, name="head", kernel_init=nn.initializers.zeros)(x)
@@ -121,14 +159,22 @@ class Embedding(nn.Module):
     p = c.patch_size
     kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
                         (p, p, channels, c.width))
-    bias = self.param("bias", nn.initializers.zeros, (c.width,))
-    return jnp.dot(patches_BxNxF.astype(dt), kernel.reshape(p * p * channels, c.width).astype(dt)) + bias.astype(dt)
+    y = jnp.dot(patches_BxNxF.astype(dt), kernel.reshape(p * p * channels, c.width).astype(dt))
+    if c.patch_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (c.width,)).astype(dt)
+    return y
 
 
 class PosEmbed(nn.Module):
+  """Adds the learned position embedding to the tokens after the first `skip` (0: all)."""
+  skip: int = 0
+
   @nn.compact
   def __call__(self, x):
-    return x + self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, x.shape[1] - self.skip, x.shape[2]))
+    if not self.skip:
+      return x + pos
+    return jnp.concatenate([x[:, :self.skip], x[:, self.skip:] + pos], axis=1)
 
 
 class Transformer(nn.Module):
@@ -137,13 +183,18 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, masks, train: bool = False):
-    x = PosEmbed(name="posembed_input")(x)
+    c = self.cfg
+    x = PosEmbed(c.num_prefix - c.posemb_prefix, name="posembed_input")(x)
+    if c.pre_norm:
+      x = LayerNorm(c.layer_norm_eps, name="norm_pre")(x)
     block_cls = nn.remat(EncoderBlock) if self.cfg.remat else EncoderBlock
     for i in range(self.cfg.depth):
       m = None if masks is None else masks[i]
       rate = self.cfg.drop_path * i / max(self.cfg.depth - 1, 1) if train else 0.0
       x = block_cls(self.cfg, self.adapter, drop_path=rate, name=f"encoderblock_{i}")(x, m)
-    return LayerNorm(name="encoder_norm")(x)
+    if c.pool == "avg":  # timm: the final norm becomes fc_norm, after pooling
+      return x
+    return LayerNorm(c.layer_norm_eps, name="encoder_norm")(x)
 
 
 class EncoderBlock(nn.Module):
@@ -155,17 +206,25 @@ class EncoderBlock(nn.Module):
   def __call__(self, x, masks):
     y, affine = self._norm("LayerNorm_0", x)
     y = MultiHeadDotProductAttention(self.cfg, self.adapter, name="MultiHeadDotProductAttention_1")(y, masks, affine)
-    x = x + self._drop_path(y.astype(x.dtype))
+    x = x + self._drop_path(self._layer_scale("ls1", y.astype(x.dtype)))
     y, affine = self._norm("LayerNorm_2", x)
     y = MlpBlock(self.cfg, self.adapter, name="MlpBlock_3")(y, masks, affine)
-    return x + self._drop_path(y.astype(x.dtype))
+    return x + self._drop_path(self._layer_scale("ls2", y.astype(x.dtype)))
+
+  def _layer_scale(self, name, y_BxTxD):
+    """LayerScale as its own leaf (not folded into out / Dense_1, so LoRA there stays exact)."""
+    if not self.cfg.layer_scale:
+      return y_BxTxD
+    gamma = self.param(name, nn.initializers.constant(1e-5), (y_BxTxD.shape[-1],))  # timm's init_values
+    return y_BxTxD * gamma.astype(y_BxTxD.dtype)
 
   def _norm(self, name, x):
     """(LayerNorm output, None), or in float32 compute (x_hat, (scale, bias)) for the next
     projections to fold in: measured faster in float32 on XLA CPU, slower in bfloat16."""
+    eps = self.cfg.layer_norm_eps
     if jnp.dtype(self.cfg.dtype) == jnp.float32:
-      return LayerNorm(name=name)(x, affine=False)
-    return LayerNorm(name=name)(x), None
+      return LayerNorm(eps, name=name)(x, affine=False)
+    return LayerNorm(eps, name=name)(x), None
 
   def _drop_path(self, y_BxTxD):
     """Per-example stochastic depth of a residual branch, kept ones scaled by 1/(1-rate)."""
@@ -227,7 +286,7 @@ class MlpBlock(nn.Module):
     p0 = Projection((d,), (c.mlp_dim,), _adapter_for(self.adapter, "Dense_0"), name="Dense_0")()
     p0 = kernels.fold_affine(p0, ln_affine, mask0)
     p1 = Projection((c.mlp_dim,), (d,), _adapter_for(self.adapter, "Dense_1"), name="Dense_1")()
-    y = _gelu(c.gelu_approximate)(_dense(x_BxTxD, p0, mask0, dt))
+    y = _activation(c)(_dense(x_BxTxD, p0, mask0, dt))
     return _dense(y, p1, _mask_for(self.adapter, masks, "Dense_1"), dt)
 
 
@@ -278,8 +337,10 @@ def _dense(x, proj, mask, dtype):
   return y
 
 
-def _gelu(approximate: bool) -> Callable:
-  if approximate:
+def _activation(c: ViTConfig) -> Callable:
+  if c.activation == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  if c.gelu_approximate:
     return kernels.gelu_tanh
   return lambda x: jax.nn.gelu(x, approximate=False)
 
@@ -290,6 +351,7 @@ class LayerNorm(nn.Module):
   With affine=False it returns (x_hat, (scale, bias)): the normalised input and the affine
   left unapplied, for the projections that read it to fold in (`fold_affine`).
   """
+  eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x, affine: bool = True):
@@ -299,7 +361,7 @@ class LayerNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    x_hat = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
+    x_hat = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
     if not affine:
       return x_hat, (scale, bias)
     return x_hat * scale + bias

@@ -15,38 +15,71 @@ from dmlora_jax.pytrees import flatten
 D, DEPTH, HEADS, MLP, P, IMG, C = 32, 2, 2, 64, 4, 16, 5  # tiny/4 at 16 px, 5 classes
 
 
-def timm_weights(seed=0) -> dict[str, np.ndarray]:
+# The ViT families timm has and this model implements: ViTConfig fields -> timm's parts.
+FAMILIES = {
+    "plain": {},
+    "dinov2_reg": dict(layer_scale=True, num_registers=2, no_embed_class=True),  # timm's DINOv2-reg
+    "clip": dict(pre_norm=True, activation="quick_gelu", patch_bias=False, layer_norm_eps=1e-5),
+    "gap": dict(pool="avg"),  # mean patch token, fc_norm, no final norm
+}
+
+
+def timm_weights(seed=0, layer_scale=False, num_registers=0, no_embed_class=False, pre_norm=False,
+                 patch_bias=True, pool="token", **_) -> dict[str, np.ndarray]:
   """Random weights in timm's VisionTransformer state-dict naming and shapes."""
   rng = np.random.default_rng(seed)
   r = lambda *s: (0.3 * rng.standard_normal(s)).astype(np.float32)
-  n = (IMG // P) ** 2 + 1
+  n = (IMG // P) ** 2 + (0 if no_embed_class else 1 + num_registers)
   sd = {"cls_token": r(1, 1, D), "pos_embed": r(1, n, D), "patch_embed.proj.weight": r(D, 3, P, P),
-        "patch_embed.proj.bias": r(D), "norm.weight": 1 + r(D), "norm.bias": r(D), "head.weight": r(C, D),
-        "head.bias": r(C)}
+        "head.weight": r(C, D), "head.bias": r(C)}
+  norm = "fc_norm" if pool == "avg" else "norm"
+  sd |= {norm + ".weight": 1 + r(D), norm + ".bias": r(D)}
+  if patch_bias:
+    sd["patch_embed.proj.bias"] = r(D)
+  if num_registers:
+    sd["reg_token"] = r(1, num_registers, D)
+  if pre_norm:
+    sd |= {"norm_pre.weight": 1 + r(D), "norm_pre.bias": r(D)}
   for i in range(DEPTH):
     b = f"blocks.{i}."
     sd |= {b + "norm1.weight": 1 + r(D), b + "norm1.bias": r(D), b + "attn.qkv.weight": r(3 * D, D),
            b + "attn.qkv.bias": r(3 * D), b + "attn.proj.weight": r(D, D), b + "attn.proj.bias": r(D),
            b + "norm2.weight": 1 + r(D), b + "norm2.bias": r(D), b + "mlp.fc1.weight": r(MLP, D),
            b + "mlp.fc1.bias": r(MLP), b + "mlp.fc2.weight": r(D, MLP), b + "mlp.fc2.bias": r(D)}
+    if layer_scale:
+      sd |= {b + "ls1.gamma": r(D), b + "ls2.gamma": r(D)}
   return sd
 
 
-def timm_forward(sd, x_nchw):
-  """timm's VisionTransformer.forward (class token, exact GELU, LayerNorm eps 1e-6) in NumPy."""
+def timm_forward(sd, x_nchw, activation="gelu", layer_norm_eps=1e-6, pool="token", **_):
+  """timm's VisionTransformer.forward in NumPy (exact GELU): what its family is follows from the
+  keys present, as in timm (reg_token, a pos_embed without prefix rows, norm_pre, ls*.gamma,
+  fc_norm), plus the three things the keys cannot say (activation, eps, pooling)."""
   x = x_nchw.astype(np.float64)
   n, _, h, w = x.shape
   patches = x.reshape(n, 3, h // P, P, w // P, P).transpose(0, 2, 4, 1, 3, 5).reshape(n, -1, 3 * P * P)
-  t = patches @ sd["patch_embed.proj.weight"].reshape(D, -1).T + sd["patch_embed.proj.bias"]
-  t = np.concatenate([np.broadcast_to(sd["cls_token"], (n, 1, D)), t], 1) + sd["pos_embed"]
+  t = patches @ sd["patch_embed.proj.weight"].reshape(D, -1).T + sd.get("patch_embed.proj.bias", 0.0)
+  prefix = [np.broadcast_to(sd["cls_token"], (n, 1, D))]
+  if "reg_token" in sd:
+    prefix.append(np.broadcast_to(sd["reg_token"], (n,) + sd["reg_token"].shape[1:]))
+  if sd["pos_embed"].shape[1] == t.shape[1]:  # no_embed_class: add, then prepend
+    t = np.concatenate(prefix + [t + sd["pos_embed"]], 1)
+  else:
+    t = np.concatenate(prefix + [t], 1) + sd["pos_embed"]
+  num_prefix = sum(p.shape[1] for p in prefix)
 
   def ln(v, name):
     mu, var = v.mean(-1, keepdims=True), v.var(-1, keepdims=True)
-    return (v - mu) / np.sqrt(var + 1e-6) * sd[name + ".weight"] + sd[name + ".bias"]
+    return (v - mu) / np.sqrt(var + layer_norm_eps) * sd[name + ".weight"] + sd[name + ".bias"]
 
   def lin(v, name):
     return v @ sd[name + ".weight"].T + sd[name + ".bias"]
 
+  def ls(v, name):
+    return v * sd[name + ".gamma"] if name + ".gamma" in sd else v
+
+  if "norm_pre.weight" in sd:
+    t = ln(t, "norm_pre")
   hd = D // HEADS
   for i in range(DEPTH):
     b = f"blocks.{i}."
@@ -56,47 +89,58 @@ def timm_forward(sd, x_nchw):
     a = np.exp(a - a.max(-1, keepdims=True))
     a /= a.sum(-1, keepdims=True)
     o = (a @ v).transpose(0, 2, 1, 3).reshape(n, -1, D)
-    t = t + lin(o, b + "attn.proj")
+    t = t + ls(lin(o, b + "attn.proj"), b + "ls1")
     m = lin(ln(t, b + "norm2"), b + "mlp.fc1")
-    m = 0.5 * m * (1 + erf(m / np.sqrt(2)))
-    t = t + lin(m, b + "mlp.fc2")
+    if activation == "quick_gelu":
+      m = m / (1 + np.exp(-1.702 * m))
+    else:
+      m = 0.5 * m * (1 + erf(m / np.sqrt(2)))
+    t = t + ls(lin(m, b + "mlp.fc2"), b + "ls2")
+  if pool == "avg":
+    return lin(ln(t[:, num_prefix:].mean(1), "fc_norm"), "head")
   return lin(ln(t, "norm")[:, 0], "head")
 
 
-def _model():
-  model = vit.ViT(vit.parse_variant("tiny/4", C, gelu_approximate=False), None)
+def _model(**family):
+  model = vit.ViT(vit.parse_variant("tiny/4", C, gelu_approximate=False, **family), None)
   params = model.init(jax.random.key(0), jnp.zeros((1, IMG, IMG, 3)))["params"]
   return model, params
 
 
-def test_timm_safetensors_loads_and_gives_timms_logits(tmp_path):
-  sd = timm_weights()
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_timm_safetensors_loads_and_gives_timms_logits(tmp_path, family):
+  kw = FAMILIES[family]
+  sd = timm_weights(**kw)
   path = str(tmp_path / "timm_vit.safetensors")
   save_file(sd, path)
-  model, init = _model()
-  params, fp = npz.load_pretrained(init, path)
+  model, init = _model(**kw)
+  params, fp = npz.load_pretrained(init, path, posemb_prefix=model.cfg.posemb_prefix)
   x = np.random.default_rng(1).standard_normal((3, 3, IMG, IMG)).astype(np.float32)  # NCHW, as timm
   got = np.asarray(model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1))))
-  np.testing.assert_allclose(got, timm_forward(sd, x), atol=1e-5)
+  np.testing.assert_allclose(got, timm_forward(sd, x, **kw), atol=1e-5)
   assert fp == npz.fingerprint(timm_format.to_public(sd, HEADS))
 
 
-def test_conversions_round_trip_bit_for_bit():
-  sd = timm_weights(3)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_conversions_round_trip_bit_for_bit(family):
+  sd = timm_weights(3, **FAMILIES[family])
   public = timm_format.to_public(sd, HEADS)
   back = timm_format.from_public(public)
   assert sorted(back) == sorted(sd)
   for k in sd:
     assert back[k].dtype == sd[k].dtype and np.array_equal(back[k], sd[k]), k
-  _, init = _model()
+  _, init = _model(**FAMILIES[family])
   flat = {k: np.asarray(v) for k, v in flatten(init).items()}
   again = timm_format.to_public(timm_format.from_public(flat), HEADS)
   assert sorted(again) == sorted(flat) and all(np.array_equal(again[k], flat[k]) for k in flat)
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda sd: sd.update({"blocks.0.ls1.gamma": np.ones(D, np.float32)}), "blocks.0.ls1.gamma is LayerScale"),
-    (lambda sd: sd.update({"reg_token": np.ones((1, 4, D), np.float32)}), "reg_token is register tokens"),
+    (lambda sd: sd.update({"blocks.0.ls1.gamma": np.ones(D, np.float32)}),
+     r"Transformer/encoderblock_0/ls1 \(32,\) is not in the model \(check model.layer_scale\)"),
+    (lambda sd: sd.update({"reg_token": np.ones((1, 4, D), np.float32)}), r"registers .* \(check model.num_registers\)"),
+    (lambda sd: sd.pop("patch_embed.proj.bias"), r"embedding/bias .* missing .* \(check model.patch_bias\)"),
+    (lambda sd: sd.update({"attn_pool.latent": np.ones((1, 1, D), np.float32)}), "attn_pool.latent is a MAP head"),
     (lambda sd: sd.pop("blocks.1.mlp.fc2.bias"), "blocks.1.mlp.fc2.bias is missing"),
     (lambda sd: sd.update({"blocks.0.attn.q_norm.weight": np.ones(D, np.float32)}),
      "blocks.0.attn.q_norm.weight has no place in this ViT"),
@@ -119,30 +163,42 @@ def test_a_safetensors_file_in_another_naming_lists_what_was_expected(tmp_path):
   assert "\n" not in str(e.value)
 
 
-def hf_weights(sd) -> dict[str, np.ndarray]:
-  """timm_weights in transformers' ViTForImageClassification naming, renamed by hand."""
-  hf = {"vit.embeddings.cls_token": sd["cls_token"], "vit.embeddings.position_embeddings": sd["pos_embed"],
-        "vit.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
-        "vit.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-        "vit.layernorm.weight": sd["norm.weight"], "vit.layernorm.bias": sd["norm.bias"],
-        "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]}
+def hf_weights(sd, naming="v4", prefix="vit.") -> dict[str, np.ndarray]:
+  """A timm state dict in transformers' naming, renamed by hand: transformers 4's
+  (encoder.layer.N.attention.attention.query, intermediate.dense) or 5's (layers.N.attention.q_proj,
+  mlp.fc1); with LayerScale (ls*.gamma) it is DINOv2's (norm1/2, layer_scaleN.lambda1, mlp.fc*)."""
+  dinov2 = "blocks.0.ls1.gamma" in sd
+  hf = {"embeddings.cls_token": sd["cls_token"], "embeddings.position_embeddings": sd["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]}
+  if dinov2:
+    hf["embeddings.mask_token"] = np.zeros((1, D), np.float32)
   for i in range(DEPTH):
-    t, h = f"blocks.{i}.", f"vit.encoder.layer.{i}."
+    t = f"blocks.{i}."
+    h = f"encoder.layer.{i}." if naming == "v4" or dinov2 else f"layers.{i}."
     for p in ("weight", "bias"):
       for j, n in enumerate(("query", "key", "value")):
-        hf[h + f"attention.attention.{n}.{p}"] = sd[t + f"attn.qkv.{p}"][j * D:(j + 1) * D]
-      hf[h + f"attention.output.dense.{p}"] = sd[t + f"attn.proj.{p}"]
-      hf[h + f"layernorm_before.{p}"] = sd[t + f"norm1.{p}"]
-      hf[h + f"layernorm_after.{p}"] = sd[t + f"norm2.{p}"]
-      hf[h + f"intermediate.dense.{p}"] = sd[t + f"mlp.fc1.{p}"]
-      hf[h + f"output.dense.{p}"] = sd[t + f"mlp.fc2.{p}"]
-  return {k: np.ascontiguousarray(v) for k, v in hf.items()}
+        name = f"attention.attention.{n}" if naming == "v4" else f"attention.{n[0]}_proj"
+        hf[h + f"{name}.{p}"] = sd[t + f"attn.qkv.{p}"][j * D:(j + 1) * D]
+      hf[h + ("attention.output.dense" if naming == "v4" else "attention.o_proj") + f".{p}"] = sd[t + f"attn.proj.{p}"]
+      hf[h + ("norm1" if dinov2 else "layernorm_before") + f".{p}"] = sd[t + f"norm1.{p}"]
+      hf[h + ("norm2" if dinov2 else "layernorm_after") + f".{p}"] = sd[t + f"norm2.{p}"]
+      v4_mlp = naming == "v4" and not dinov2
+      hf[h + ("intermediate.dense" if v4_mlp else "mlp.fc1") + f".{p}"] = sd[t + f"mlp.fc1.{p}"]
+      hf[h + ("output.dense" if v4_mlp else "mlp.fc2") + f".{p}"] = sd[t + f"mlp.fc2.{p}"]
+    if dinov2:
+      hf[h + "layer_scale1.lambda1"], hf[h + "layer_scale2.lambda1"] = sd[t + "ls1.gamma"], sd[t + "ls2.gamma"]
+  hf = {prefix + k: np.ascontiguousarray(v) for k, v in hf.items()}
+  hf["classifier.weight"], hf["classifier.bias"] = sd["head.weight"], sd["head.bias"]
+  return hf
 
 
-def test_transformers_vit_safetensors_loads_and_gives_timms_logits(tmp_path):
+@pytest.mark.parametrize("naming", ["v4", "v5"])
+def test_transformers_vit_safetensors_loads_and_gives_timms_logits(tmp_path, naming):
   sd = timm_weights(5)
   path = str(tmp_path / "model.safetensors")
-  save_file(hf_weights(sd), path)
+  save_file(hf_weights(sd, naming), path)
   model, init = _model()
   params, _ = npz.load_pretrained(init, path)
   x = np.random.default_rng(2).standard_normal((2, 3, IMG, IMG)).astype(np.float32)
@@ -150,11 +206,36 @@ def test_transformers_vit_safetensors_loads_and_gives_timms_logits(tmp_path):
   np.testing.assert_allclose(got, timm_forward(sd, x), atol=1e-5)
 
 
-def test_dinov2_naming_is_refused_in_one_line_naming_layerscale(tmp_path):
-  hf = hf_weights(timm_weights())
-  hf["vit.encoder.layer.0.layer_scale1.lambda1"] = np.ones(D, np.float32)
+@pytest.mark.parametrize("registers", [0, 2])
+def test_transformers_dinov2_loads_with_its_layerscale_and_registers(tmp_path, registers):
+  """transformers' DINOv2 adds its position embedding to the class token and the patches, and
+  not to the registers: the loaded model (no_embed_class, the class row folded into the class
+  token) must give the logits of that forward."""
+  kw = dict(layer_scale=True, num_registers=registers)
+  sd = timm_weights(7, **kw)  # pos_embed covers the class token and the registers
+  if registers:  # the same weights as transformers lays them out: pos over [cls, patches]
+    pos = np.concatenate([sd["pos_embed"][:, :1], sd["pos_embed"][:, 1 + registers:]], axis=1)
+    sd["pos_embed"][:, 1:1 + registers] = 0.0  # registers get no position in transformers' forward
+    hf = hf_weights({**sd, "pos_embed": pos}, "v5", prefix="dinov2_with_registers.")
+    hf["dinov2_with_registers.embeddings.register_tokens"] = sd["reg_token"]
+  else:
+    hf = hf_weights(sd, "v5", prefix="dinov2.")
+  hf["classifier.weight"] = np.ones((3, 2 * D), np.float32)  # DINOv2's head reads [cls, mean patch]: dropped
   path = str(tmp_path / "dinov2.safetensors")
   save_file(hf, path)
-  with pytest.raises(npz.CheckpointError, match="layer_scale1.lambda1 belongs to DINOv2's naming") as e:
-    npz.load_pretrained(_model()[1], path)
+  model, init = _model(**kw, no_embed_class=bool(registers))
+  params, _ = npz.load_pretrained(init, path, posemb_prefix=model.cfg.posemb_prefix)
+  params["head"] = {"kernel": sd["head.weight"].T, "bias": sd["head.bias"]}
+  x = np.random.default_rng(3).standard_normal((2, 3, IMG, IMG)).astype(np.float32)
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1))))
+  np.testing.assert_allclose(got, timm_forward(sd, x), atol=1e-5)
+
+
+def test_a_swiglu_dinov2_is_refused_in_one_line(tmp_path):
+  hf = hf_weights(timm_weights(layer_scale=True), "v5", prefix="dinov2.")
+  hf["dinov2.encoder.layer.0.mlp.weights_in.weight"] = np.ones((2 * MLP, D), np.float32)
+  path = str(tmp_path / "giant.safetensors")
+  save_file(hf, path)
+  with pytest.raises(npz.CheckpointError, match="mlp.weights_in.weight is a SwiGLU MLP") as e:
+    npz.load_pretrained(_model(layer_scale=True)[1], path)
   assert "\n" not in str(e.value)
