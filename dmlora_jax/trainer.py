@@ -1,5 +1,5 @@
 """The three jobs of `python -m dmlora_jax.main`: train (both stages, evaluate, export),
-export (merged.npz from the newest checkpoint) and eval (the merged newest checkpoint on the
+export (merged.npz, merged.safetensors and the PEFT adapter from the newest checkpoint) and eval (the merged newest checkpoint on the
 plain ViT). Each validates the config first, before any data or checkpoint is read.
 
 The pieces: setup.py (model, params, plan), training.py (the loop, checkpoints, resume),
@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dmlora_jax import config_base, data, dmlora, hostmem, merge, npz, pytrees, setup, timm_format
+from dmlora_jax import config_base, data, dmlora, hostmem, merge, npz, peft_export, pytrees, setup, timm_format
 from dmlora_jax.checkpointing import ResumeError
 from dmlora_jax.config_base import ConfigError
 from dmlora_jax.evaluation import Evaluator
@@ -28,8 +28,12 @@ USER_ERRORS = (ConfigError, ResumeError, npz.CheckpointError, data.DataError, Fi
 # ---- results ----
 
 def export_merged(params: dict, workdir: str) -> str:
-  """merged.npz (public naming) and, for the plain head, merged.safetensors (timm's naming):
-  the same merged weights, loadable by timm's ViT as they are."""
+  """The exports of a run (process 0 writes them):
+  - merged.npz: the merged weights in the public naming;
+  - merged.safetensors: the same in timm's naming, loadable by timm's ViT as it is;
+  - adapter/: the branches as a PEFT LoRA on timm's ViT, unmerged (peft_export.py).
+  A part timm's naming lacks (pre_logits), or a method without branches, skips the last two
+  or the adapter with a one-line note. Returns merged.npz's path."""
   path = os.path.join(workdir, "merged.npz")
   if jax.process_index() == 0:
     merged = merge.merge_params(params)
@@ -40,6 +44,10 @@ def export_merged(params: dict, workdir: str) -> str:
     else:
       timm_format.save_safetensors(os.path.join(workdir, "merged.safetensors"),
                                    timm_format.from_public({k: np.asarray(v) for k, v in flat.items()}))
+    try:
+      peft_export.export_peft(params, os.path.join(workdir, "adapter"))
+    except timm_format.FormatError as e:
+      say(f"note: {e}")
   return path
 
 
@@ -152,7 +160,7 @@ def _restored_params(config, workdir: str, need_eval: bool):
 
 
 def export_from_checkpoint(config, workdir: str) -> str:
-  """--mode=export: writes merged.npz from the newest checkpoint."""
+  """--mode=export: writes merged.npz, merged.safetensors and adapter/ from the newest checkpoint."""
   _, _, params = _restored_params(config, workdir, need_eval=False)
   path = export_merged(params, workdir)
   say(f"Wrote {path}")

@@ -7,6 +7,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from dmlora_jax import config_base, methods, npz, optimizers, partition, setup, steps, trainer, training
 from dmlora_jax.data import images as data_images
@@ -113,6 +114,13 @@ def test_export_mode_rewrites_the_same_merged_npz_without_decoding_images(learne
   heads = before["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].shape[1]
   timm = npz.load_checkpoint(os.path.join(wd, "merged.safetensors"), heads)
   assert set(timm) == set(after) and all(np.array_equal(timm[k], after[k]) for k in after)
+  # adapter/: the branches as PEFT LoRAs, one per adapted timm Linear of each block.
+  adapter = json.load(open(os.path.join(wd, "adapter", "adapter_config.json")))
+  lora = load_file(os.path.join(wd, "adapter", "adapter_model.safetensors"))
+  d = c.dmlora
+  rank = sum(t in ("query", "key", "value") for t in d.targets) * d.num_branches * d.rank
+  assert lora["base_model.model.blocks.0.attn.qkv.lora_A.weight"].shape[0] == rank == adapter["rank_pattern"]["qkv"]
+  assert lora["base_model.model.blocks.0.mlp.fc2.lora_A.weight"].shape[0] == d.num_branches * d.rank == adapter["r"]
 
 
 def _one_batch(t: training.Trainer):

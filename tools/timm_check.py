@@ -1,65 +1,122 @@
-"""Checks that a merged export loads in timm and gives the adapter model's logits.
+"""Checks that the exports load in timm and PEFT and give the adapted model's logits.
 
-Needs torch + timm, which dmlora_jax does not depend on, so it runs in two steps, possibly
-in two environments:
+Needs torch, timm and peft, which dmlora_jax does not depend on, so it runs in two steps,
+possibly in two environments:
 
-  python -m tools.timm_check write /tmp/timmcheck          # dmlora_jax env: random DMLoRA
-                                                           # model, its logits, merged.npz
-  /path/to/torch-env/bin/python -m tools.timm_check check /tmp/timmcheck  # timm env
+  python -m tools.timm_check write /tmp/timmcheck                         # dmlora_jax env
+  /path/to/torch-env/bin/python -m tools.timm_check check /tmp/timmcheck  # torch env
 
-timm reads the export with timm.models.load_checkpoint (its vit_jax .npz loader).
-Measured 2026-11-27, timm 1.0.31 / torch 2.14.1 CPU: max |logit difference| 4.8e-07 (tanh
-GELU) and 7.2e-07 (exact GELU) on a 2-block model with branches on all six projections.
+`write` makes a random DMLoRA model (3 branches of rank 2 on all six projections, a distinct
+alpha_l per module) of each family and writes its adapted (unmerged) logits, the exports a run
+writes (merged.npz for the plain family, merged.safetensors, adapter/) and the base weights in
+timm's naming (base.safetensors). `check` builds timm's VisionTransformer of the same family
+and compares its logits with:
+  - merged.npz through timm.models.load_checkpoint (timm's vit_jax .npz loader; plain family);
+  - merged.safetensors through timm.models.load_checkpoint;
+  - base.safetensors + peft.PeftModel.from_pretrained(model, adapter/), unmerged;
+and writes what PEFT gave (peft_logits.npy) beside them. Exit status 1 if any |diff| > 1e-4.
+tests/fixtures/peft/ holds a `write` + `check` output of the plain and dinov2_reg families
+(tests/test_peft_export.py).
+
+Measured 2026-12-06, timm 1.0.31 / peft 0.21.2 / torch 2.14.1 CPU: see the README's
+"Checkpoints in and out".
 """
 
-import functools
 import os
 import sys
 
 GEOMETRY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10)
+# family -> (dmlora_jax ViTConfig fields, timm VisionTransformer arguments as text)
+FAMILIES = {
+    "plain_tanh": (dict(gelu_approximate=True), "act_layer=tanh_gelu"),
+    "plain": (dict(gelu_approximate=False), ""),
+    "dinov2_reg": (dict(gelu_approximate=False, layer_scale=True, num_registers=2, no_embed_class=True),
+                   "init_values=1e-5, reg_tokens=2, no_embed_class=True"),
+    "clip": (dict(pre_norm=True, activation="quick_gelu", patch_bias=False, layer_norm_eps=1e-5),
+             "pre_norm=True, act_layer=quick_gelu, norm_layer=nn.LayerNorm"),
+    "gap": (dict(gelu_approximate=False, pool="avg"), "global_pool=avg"),
+}
 
 
-def write(out: str) -> None:
+def write(out: str, families=tuple(FAMILIES)) -> None:
   import jax
   import numpy as np
-  from dmlora_jax import dmlora, npz, vit
+  from dmlora_jax import dmlora, npz, peft_export, timm_format, vit
   from dmlora_jax.config_base import ALL_TARGETS
   from dmlora_jax.merge import merge_params
   from dmlora_jax.pytrees import flatten, unflatten
   os.makedirs(out, exist_ok=True)
   x = np.asarray(jax.random.normal(jax.random.key(5), (4, 16, 16, 3)))
   np.save(os.path.join(out, "x.npy"), x)
-  for tag, approx in (("tanh", True), ("exact", False)):
-    model = vit.ViT(vit.parse_variant("tiny/4", 10, gelu_approximate=approx),
+  for i, tag in enumerate(families):
+    d = os.path.join(out, tag)
+    os.makedirs(d, exist_ok=True)
+    model = vit.ViT(vit.parse_variant("tiny/4", 10, **FAMILIES[tag][0]),
                     dmlora.AdapterSpec(num_branches=3, rank=2, targets=ALL_TARGETS))
     params = model.init(jax.random.key(0), x[:1])["params"]
-    keys = jax.random.split(jax.random.key(1), len(flatten(params)))
-    params = unflatten({k: 0.3 * jax.random.normal(kk, v.shape) for kk, (k, v) in zip(keys, flatten(params).items())})
-    np.save(os.path.join(out, f"logits_{tag}.npy"), np.asarray(model.apply({"params": params}, x)))
-    npz.save_npz(os.path.join(out, f"merged_{tag}.npz"), merge_params(params))
-  print(f"wrote {out}")
+    keys = jax.random.split(jax.random.key(1 + i), len(flatten(params)))
+    params = unflatten({k: (0.3 * jax.random.normal(kk, v.shape) + (1.0 if k.endswith("/scale") else 0.0))
+                        for kk, (k, v) in zip(keys, flatten(params).items())})
+    np.save(os.path.join(d, "logits.npy"), np.asarray(model.apply({"params": params}, x)))
+    npz.save_npz(os.path.join(d, "params.npz"), params)  # the adapted model, for the fixture test
+    merged = {k: np.asarray(v) for k, v in flatten(merge_params(params)).items()}
+    if tag.startswith("plain"):
+      npz.save_npz(os.path.join(d, "merged.npz"), unflatten(merged))
+    timm_format.save_safetensors(os.path.join(d, "merged.safetensors"), timm_format.from_public(merged))
+    base = {k: np.asarray(v) for k, v in flatten(params).items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
+    timm_format.save_safetensors(os.path.join(d, "base.safetensors"), timm_format.from_public(base))
+    peft_export.export_peft(params, os.path.join(d, "adapter"))
+  print(f"wrote {out}: {', '.join(families)}")
+
+
+def _timm_model(tag):
+  import functools
+  import torch.nn as nn
+  from timm.models.vision_transformer import VisionTransformer
+  kw = {"plain_tanh": dict(act_layer=functools.partial(nn.GELU, approximate="tanh")), "plain": {},
+        "dinov2_reg": dict(init_values=1e-5, reg_tokens=2, no_embed_class=True),
+        "clip": dict(pre_norm=True, act_layer="quick_gelu", norm_layer=nn.LayerNorm),
+        "gap": dict(global_pool="avg")}[tag]
+  return VisionTransformer(**GEOMETRY, **kw).eval()
 
 
 def check(out: str) -> None:
   import numpy as np
+  import peft
   import timm
   import torch
+  from peft import PeftModel
   from timm.models import load_checkpoint
-  from timm.models.vision_transformer import VisionTransformer
   x = torch.from_numpy(np.load(os.path.join(out, "x.npy"))).permute(0, 3, 1, 2).float()
   worst = 0.0
-  for tag in ("tanh", "exact"):
-    act = functools.partial(torch.nn.GELU, approximate="tanh") if tag == "tanh" else torch.nn.GELU
-    m = VisionTransformer(**GEOMETRY, act_layer=act).eval()
-    load_checkpoint(m, os.path.join(out, f"merged_{tag}.npz"))
+  print(f"timm {timm.__version__}, peft {peft.__version__}, torch {torch.__version__}")
+  for tag in sorted(t for t in FAMILIES if os.path.isdir(os.path.join(out, t))):
+    d = os.path.join(out, tag)
+    want = np.load(os.path.join(d, "logits.npy"))
+    results = {}
+    for export in ("merged.npz", "merged.safetensors"):
+      if os.path.exists(os.path.join(d, export)):
+        m = _timm_model(tag)
+        load_checkpoint(m, os.path.join(d, export))
+        with torch.no_grad():
+          results[export] = m(x).numpy()
+    m = _timm_model(tag)
+    load_checkpoint(m, os.path.join(d, "base.safetensors"))
+    m = PeftModel.from_pretrained(m, os.path.join(d, "adapter")).eval()
     with torch.no_grad():
-      diff = float(np.abs(m(x).numpy() - np.load(os.path.join(out, f"logits_{tag}.npy"))).max())
-    print(f"{tag} GELU: timm {timm.__version__} logits vs dmlora_jax adapter logits, max |diff| = {diff:.2e}")
-    worst = max(worst, diff)
+      results["adapter (PEFT, unmerged)"] = m(x).numpy()
+    np.save(os.path.join(d, "peft_logits.npy"), results["adapter (PEFT, unmerged)"])
+    for what, got in results.items():
+      diff = float(np.abs(got - want).max())
+      worst = max(worst, diff)
+      print(f"{tag:10s} {what:26s} max |logit diff| vs dmlora_jax = {diff:.2e}")
   sys.exit(0 if worst < 1e-4 else 1)
 
 
 if __name__ == "__main__":
-  if len(sys.argv) != 3 or sys.argv[1] not in ("write", "check"):
+  if len(sys.argv) < 3 or sys.argv[1] not in ("write", "check"):
     sys.exit(__doc__)
-  {"write": write, "check": check}[sys.argv[1]](sys.argv[2])
+  if sys.argv[1] == "write":
+    write(sys.argv[2], tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else tuple(FAMILIES))
+  else:
+    check(sys.argv[2])
