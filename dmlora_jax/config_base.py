@@ -28,7 +28,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
 
   c.model = ml_collections.ConfigDict()
-  c.model.variant = "B/16"
+  c.model.variant = "B/16"  # NAME/PATCH (tiny, mini, Ti, S, M, B, L, H) | auto: the model init_checkpoint holds
+  c.model.num_heads = 0  # model.variant=auto: 0 = from the checkpoint (timm files do not say it: set it)
   c.model.init_checkpoint = ""  # .npz (public layout) | .safetensors (timm / transformers) | hf-hub:ORG/NAME; "" = random
   c.model.gelu_approximate = True  # tanh GELU, as the public checkpoints were trained
   c.model.representation_size = 0  # 0 = no pre_logits layer
@@ -233,9 +234,14 @@ def validate(config) -> None:
   c = config
   _one_of("method", c.method, tuple(methods.METHODS))
   method = methods.get(c.method)
+  from dmlora_jax import checkpoint_source, setup
   try:
-    cfg = vit.parse_variant(c.model.variant, 1)
+    cfg = setup.vit_config(c, 1)
+  except checkpoint_source.SourceError as e:
+    raise ConfigError(f"config.model.init_checkpoint: {e}") from None
   except ValueError as e:
+    if isinstance(e, ConfigError):
+      raise
     raise ConfigError(f"config.{e}") from None
   _one_of("model.dtype", c.model.dtype, ("float32", "bfloat16"))
   _check(0.0 <= c.model.drop_path < 1.0, "model.drop_path", c.model.drop_path, "must be in [0, 1)")
@@ -243,7 +249,7 @@ def validate(config) -> None:
   _one_of("model.pool", c.model.pool, vit.POOLS)
   _check(c.model.num_registers >= 0, "model.num_registers", c.model.num_registers, "must be >= 0")
   _check(c.model.layer_norm_eps > 0, "model.layer_norm_eps", c.model.layer_norm_eps, "must be > 0")
-  if c.model.init_checkpoint and not c.model.init_checkpoint.startswith("hf-hub:"):
+  if c.model.init_checkpoint and not c.model.init_checkpoint.startswith(checkpoint_source.HUB):
     _check(os.path.isfile(c.model.init_checkpoint), "model.init_checkpoint", c.model.init_checkpoint,
            "no such file (empty = random init)")
   _one_of("data.source", c.data.source, tuple(build.SOURCES))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dmlora_jax import dmlora, timm_format
+from dmlora_jax import checkpoint_source, dmlora, timm_format
 from dmlora_jax.pytrees import flatten, unflatten
 
 POSEMB = "Transformer/posembed_input/pos_embedding"
@@ -43,7 +43,12 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
 
 def load_checkpoint(path: str, num_heads: int) -> dict[str, np.ndarray]:
   """A base checkpoint as {public name: array}: `.npz` in the public naming, or `.safetensors`
-  in timm's ViT naming (the fused qkv split into num_heads heads) or transformers' ViT naming."""
+  in timm's ViT naming (the fused qkv split into num_heads heads) or transformers' ViT naming;
+  hf-hub:ORG/NAME is downloaded first (checkpoint_source.resolve)."""
+  try:
+    path = checkpoint_source.resolve(path)
+  except checkpoint_source.SourceError as e:
+    raise CheckpointError(str(e)) from None
   if not path.endswith(".safetensors"):
     return load_npz(path)
   if not os.path.exists(path):

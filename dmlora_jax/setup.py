@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmlora_jax import config_base, data, dmlora, methods, npz, optimizers, partition, pytrees, steps, vit
+from dmlora_jax import checkpoint_source, config_base, data, dmlora, methods, npz, optimizers, partition, pytrees, steps, vit
 from dmlora_jax.progress import say
 
 
@@ -41,11 +41,29 @@ def build_model(config, num_classes: int, adapter: dmlora.AdapterSpec | None = N
 
 
 def vit_config(config, num_classes: int) -> vit.ViTConfig:
-  """config.model as a ViTConfig (model.variant, then the family fields)."""
+  """config.model as a ViTConfig: model.variant (e.g. B/16) and the family fields, or with
+  model.variant=auto the model that model.init_checkpoint describes (checkpoint_source.describe),
+  the config filling in only what the file cannot say."""
   m = config.model
-  return vit.parse_variant(m.variant, num_classes, representation_size=m.representation_size,
-                           gelu_approximate=m.gelu_approximate, dtype=m.dtype, remat=m.remat,
-                           drop_path=m.drop_path, **{f: m[f] for f in FAMILY_FIELDS})
+  common = dict(representation_size=m.representation_size, gelu_approximate=m.gelu_approximate, dtype=m.dtype,
+                remat=m.remat, drop_path=m.drop_path, **{f: m[f] for f in FAMILY_FIELDS})
+  if m.variant != "auto":
+    return vit.parse_variant(m.variant, num_classes, **common)
+  if not m.init_checkpoint:
+    raise config_base.ConfigError("config.model.variant='auto' reads the model from model.init_checkpoint, which is empty")
+  path = checkpoint_source.resolve(m.init_checkpoint)
+  info = checkpoint_source.describe(path)
+  heads = info.pop("num_heads", 0)
+  if m.num_heads and heads and m.num_heads != heads:
+    raise config_base.ConfigError(f"config.model.num_heads={m.num_heads}, but {path} has {heads} heads")
+  heads = heads or m.num_heads
+  if not heads:
+    raise config_base.ConfigError(f"config.model.num_heads: {path} does not say its head count (timm's fused qkv, no "
+                                  "config.json beside it); set it (ViT-S: 6, B: 12, L: 16, H: 16)")
+  shape = {k: info.pop(k) for k in ("width", "depth", "mlp_dim", "patch_size")}
+  if shape["width"] % heads:
+    raise config_base.ConfigError(f"config.model.num_heads={heads} does not divide the width {shape['width']} of {path}")
+  return vit.ViTConfig(num_heads=heads, num_classes=num_classes, **shape, **{**common, **info})
 
 
 # config.model fields that are ViTConfig fields of the same name (other ViT families).

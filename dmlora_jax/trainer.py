@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dmlora_jax import config_base, data, dmlora, hostmem, merge, npz, peft_export, pytrees, setup, timm_format
+from dmlora_jax import checkpoint_source, config_base, data, dmlora, hostmem, merge, npz, peft_export, pytrees, setup, timm_format
 from dmlora_jax.checkpointing import ResumeError
 from dmlora_jax.config_base import ConfigError
 from dmlora_jax.evaluation import Evaluator
@@ -22,7 +22,8 @@ from dmlora_jax.progress import print_summary, say
 from dmlora_jax.training import Trainer, check_batch, restore_trainable
 
 # Errors that are the user's input, reported as one line by main (no traceback).
-USER_ERRORS = (ConfigError, ResumeError, npz.CheckpointError, data.DataError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ResumeError, npz.CheckpointError, checkpoint_source.SourceError, data.DataError,
+               FileNotFoundError)
 
 
 # ---- results ----
