@@ -16,8 +16,8 @@ FROZEN, BRANCHES, HEAD, SCALE = "frozen", "branches", "head", "scale"
 # (regex over 'a/b/c' paths, label). The backbone rule lists the checkpoint leaf names, so
 # a new kind of leaf cannot slip into a group silently.
 RULES = (
-    (r"^(cls|embedding/(kernel|bias)|pre_logits/(kernel|bias)"
-     r"|Transformer/posembed_input/pos_embedding"
+    (r"^(cls|registers|embedding/(kernel|bias)|pre_logits/(kernel|bias)|fc_norm/(scale|bias)"
+     r"|Transformer/posembed_input/pos_embedding|Transformer/encoderblock_\d+/ls[12]"
      r"|Transformer/(encoderblock_\d+/)?(\w+/)*\w+/(kernel|bias|scale))$", FROZEN),
     (r"^.*/lora_[ab]$", BRANCHES),
     (r"^.*/lora_log_scale$", SCALE),

@@ -66,6 +66,7 @@ def vit_config(config, num_classes: int) -> vit.ViTConfig:
   return vit.ViTConfig(num_heads=heads, num_classes=num_classes, **shape, **{**common, **info})
 
 
+_PLAIN = vit.parse_variant("tiny/4", 1)  # the family fields' defaults
 # config.model fields that are ViTConfig fields of the same name (other ViT families).
 FAMILY_FIELDS = ("layer_scale", "num_registers", "no_embed_class", "pre_norm", "activation", "pool", "patch_bias",
                  "layer_norm_eps")
@@ -135,6 +136,11 @@ def build(config: ml_collections.ConfigDict, num_classes: int) -> Setup:
   method = methods.get(config.method)
   adapter = method.adapter(config)
   model = build_model(config, num_classes, adapter)
+  if config.model.variant == "auto":
+    c = model.cfg
+    family = ", ".join(f"{f}={getattr(c, f)}" for f in FAMILY_FIELDS if getattr(c, f) != getattr(_PLAIN, f))
+    say(f"model.variant=auto: {config.model.init_checkpoint} holds width {c.width}, depth {c.depth}, {c.num_heads} "
+        f"heads, MLP {c.mlp_dim}, patch {c.patch_size}" + (f"; {family}" if family else ""))
   params, fingerprint = init_params(model, config, config.data.image_size)
   trainable, frozen = partition.split(params, method.owned)
   return Setup(config, method, adapter, model, params, trainable, frozen, fingerprint, num_classes)

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 from scipy.special import erf
 
-from dmlora_jax import npz, timm_format, vit
+from dmlora_jax import npz, partition, timm_format, vit
 from dmlora_jax.pytrees import flatten
 
 D, DEPTH, HEADS, MLP, P, IMG, C = 32, 2, 2, 64, 4, 16, 5  # tiny/4 at 16 px, 5 classes
@@ -119,6 +119,13 @@ def test_timm_safetensors_loads_and_gives_timms_logits(tmp_path, family):
   got = np.asarray(model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1))))
   np.testing.assert_allclose(got, timm_forward(sd, x, **kw), atol=1e-5)
   assert fp == npz.fingerprint(timm_format.to_public(sd, HEADS))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_familys_backbone_leaves_are_frozen_and_its_head_trains(family):
+  _, params = _model(**FAMILIES[family])
+  labels = flatten(partition.labels(params))
+  assert {k for k, v in labels.items() if v != partition.FROZEN} == {"head/kernel", "head/bias"}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
