@@ -117,7 +117,8 @@ def _describe_timm(s: dict, hf: dict, path: str) -> dict:
   n_pos = s["pos_embed"][1]
   out = dict(width=d, depth=depth, mlp_dim=s["blocks.0.mlp.fc1.weight"][0], patch_size=p, num_registers=regs,
              layer_scale="blocks.0.ls1.gamma" in s, pre_norm="norm_pre.weight" in s,
-             patch_bias="patch_embed.proj.bias" in s, pool="avg" if "fc_norm.weight" in s else "token",
+             patch_bias="patch_embed.proj.bias" in s,
+             pool="map" if "attn_pool.latent" in s else "avg" if "fc_norm.weight" in s else "token",
              no_embed_class=_grid_square(n_pos) and not _grid_square(n_pos - 1 - regs))
   if hf:
     out["num_heads"] = hf["num_attention_heads"]
@@ -138,6 +139,7 @@ def _describe_public(s: dict, path: str) -> dict:
   return dict(width=q[0], num_heads=q[1], depth=depth, mlp_dim=s["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"][1],
               patch_size=s["embedding/kernel"][0], num_registers=regs,
               layer_scale="Transformer/encoderblock_0/ls1" in s, pre_norm="Transformer/norm_pre/scale" in s,
-              patch_bias="embedding/bias" in s, pool="avg" if "fc_norm/scale" in s else "token",
+              patch_bias="embedding/bias" in s,
+              pool="map" if "MAPHead_0/probe" in s else "avg" if "fc_norm/scale" in s else "token",
               no_embed_class=_grid_square(n_pos) and not _grid_square(n_pos - 1 - regs),
               representation_size=s["pre_logits/kernel"][1] if "pre_logits/kernel" in s else 0)

@@ -120,7 +120,7 @@ def resample_posemb(posemb_1xNxD: np.ndarray, new_tokens: int, num_prefix: int =
 
 # Model leaves that only one ViT family has -> the config field that adds or removes them.
 FAMILY_FIELDS = (("registers", "model.num_registers"), ("/ls1", "model.layer_scale"), ("/ls2", "model.layer_scale"),
-                 ("norm_pre/", "model.pre_norm"), ("fc_norm/", "model.pool=avg"), ("encoder_norm/", "model.pool"),
+                 ("norm_pre/", "model.pre_norm"), ("fc_norm/", "model.pool=avg"), ("MAPHead_0/", "model.pool=map"), ("encoder_norm/", "model.pool"),
                  ("embedding/bias", "model.patch_bias"))
 
 

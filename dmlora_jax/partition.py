@@ -18,6 +18,7 @@ FROZEN, BRANCHES, HEAD, SCALE = "frozen", "branches", "head", "scale"
 RULES = (
     (r"^(cls|registers|embedding/(kernel|bias)|pre_logits/(kernel|bias)|fc_norm/(scale|bias)"
      r"|Transformer/posembed_input/pos_embedding|Transformer/encoderblock_\d+/ls[12]"
+     r"|MAPHead_0/probe|MAPHead_0/(\w+/)*\w+/(kernel|bias|scale)"
      r"|Transformer/(encoderblock_\d+/)?(\w+/)*\w+/(kernel|bias|scale))$", FROZEN),
     (r"^.*/lora_[ab]$", BRANCHES),
     (r"^.*/lora_log_scale$", SCALE),

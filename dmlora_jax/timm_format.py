@@ -14,13 +14,15 @@ timm's `VisionTransformer` state dict and this model's names:
   blocks.i.ls1.gamma / ls2.gamma      <-> encoderblock_i/ls1 / ls2
   blocks.i.mlp.fc1 / fc2              <-> MlpBlock_3/Dense_0 / Dense_1 (weight = kernel.T)
   norm / fc_norm                      <-> Transformer/encoder_norm / fc_norm
+  attn_pool.{latent, q, kv, proj, norm, mlp.fc1, mlp.fc2}
+                                      <-> MAPHead_0/{probe, query, key+value, out, LayerNorm_0, Dense_0/1}
   head.weight (C, D)                  <-> head/kernel (D, C)
 
 Which of these a file has says which ViT family it is (`infer_model`); what the keys cannot
 say (the head count of a fused qkv, quick-GELU, LayerNorm eps, whether the position embedding
 covers the class token when its grid is not square) is config. transformers' ViT and DINOv2
 (with or without registers) namings come in through timm's. Reading uses the `safetensors`
-package's NumPy API (no torch). A MAP head (`attn_pool`) is not implemented: refused in one line.
+package's NumPy API (no torch).
 """
 
 import logging
@@ -33,8 +35,7 @@ import numpy as np
 
 ENC = "Transformer/encoderblock_{}/"
 ATT = ENC + "MultiHeadDotProductAttention_1/"
-# timm names this model has no part for (another ViT family's), and what they are.
-UNSUPPORTED = {"attn_pool": "a MAP head (attention pooling)"}
+MAP = "MAPHead_0/"
 
 
 class FormatError(ValueError):
@@ -73,10 +74,6 @@ def _depth(keys) -> int:
 
 def to_public(sd: Mapping[str, np.ndarray], num_heads: int, where: str = "checkpoint") -> dict[str, np.ndarray]:
   """timm state dict -> {public name: array}. num_heads splits the fused qkv into heads."""
-  for k in sd:
-    for part, what in UNSUPPORTED.items():
-      if f".{part}." in f".{k}.":
-        raise FormatError(f"{where}: {k} is {what}, which this ViT does not implement yet")
   out = {}
   take, check_rest = _reader(sd, where, "a timm ViT with class token and linear head")
   out["cls"] = take("cls_token")
@@ -110,6 +107,20 @@ def to_public(sd: Mapping[str, np.ndarray], num_heads: int, where: str = "checkp
     for src, dst in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
       out[e + "MlpBlock_3/" + dst + "/kernel"] = take(b + f"mlp.{src}.weight").T
       out[e + "MlpBlock_3/" + dst + "/bias"] = take(b + f"mlp.{src}.bias")
+  if "attn_pool.latent" in sd:
+    out[MAP + "probe"] = take("attn_pool.latent")
+    a = MAP + "MultiHeadDotProductAttention_0/"
+    q, kv = take("attn_pool.q.weight"), take("attn_pool.kv.weight")
+    qb, kvb = take("attn_pool.q.bias"), take("attn_pool.kv.bias")
+    for name, w, bias in (("query", q, qb), ("key", kv[:d], kvb[:d]), ("value", kv[d:], kvb[d:])):
+      out[a + name + "/kernel"] = w.T.reshape(d, num_heads, hd)
+      out[a + name + "/bias"] = bias.reshape(num_heads, hd)
+    out[a + "out/kernel"] = take("attn_pool.proj.weight").T.reshape(num_heads, hd, d)
+    out[a + "out/bias"] = take("attn_pool.proj.bias")
+    out[MAP + "LayerNorm_0/scale"], out[MAP + "LayerNorm_0/bias"] = take("attn_pool.norm.weight"), take("attn_pool.norm.bias")
+    for src, dst in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+      out[MAP + "MlpBlock_0/" + dst + "/kernel"] = take(f"attn_pool.mlp.{src}.weight").T
+      out[MAP + "MlpBlock_0/" + dst + "/bias"] = take(f"attn_pool.mlp.{src}.bias")
   if "head.weight" in sd:
     out["head/kernel"] = take("head.weight").T
     out["head/bias"] = take("head.bias")
@@ -150,6 +161,20 @@ def from_public(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     for dst, src in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
       sd[b + f"mlp.{dst}.weight"] = f[e + "MlpBlock_3/" + src + "/kernel"].T
       sd[b + f"mlp.{dst}.bias"] = f[e + "MlpBlock_3/" + src + "/bias"]
+  if MAP + "probe" in f:
+    sd["attn_pool.latent"] = f[MAP + "probe"]
+    a = MAP + "MultiHeadDotProductAttention_0/"
+    d = f[MAP + "probe"].shape[-1]
+    w = {n: f[a + n + "/kernel"].reshape(d, -1).T for n in ("query", "key", "value")}
+    b = {n: f[a + n + "/bias"].reshape(-1) for n in ("query", "key", "value")}
+    sd["attn_pool.q.weight"], sd["attn_pool.q.bias"] = w["query"], b["query"]
+    sd["attn_pool.kv.weight"] = np.concatenate([w["key"], w["value"]], axis=0)
+    sd["attn_pool.kv.bias"] = np.concatenate([b["key"], b["value"]])
+    sd["attn_pool.proj.weight"], sd["attn_pool.proj.bias"] = f[a + "out/kernel"].reshape(-1, d).T, f[a + "out/bias"]
+    sd["attn_pool.norm.weight"], sd["attn_pool.norm.bias"] = f[MAP + "LayerNorm_0/scale"], f[MAP + "LayerNorm_0/bias"]
+    for dst, src in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+      sd[f"attn_pool.mlp.{dst}.weight"] = f[MAP + "MlpBlock_0/" + src + "/kernel"].T
+      sd[f"attn_pool.mlp.{dst}.bias"] = f[MAP + "MlpBlock_0/" + src + "/bias"]
   if "head/kernel" in f:
     sd["head.weight"] = f["head/kernel"].T
     sd["head.bias"] = f["head/bias"]

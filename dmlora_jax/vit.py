@@ -11,7 +11,8 @@ Names and shapes are those of the google-research/vision_transformer checkpoints
 
 Other ViT families add (each a ViTConfig field, off by default): `registers` (1, R, D) after
 the class token; `encoderblock_{i}/ls1`, `ls2` (D,) LayerScale; `Transformer/norm_pre`; `fc_norm`
-(mean pooling, in place of `encoder_norm`); a position embedding over the patches only
+(mean pooling, in place of `encoder_norm`); `MAPHead_0/{probe, MultiHeadDotProductAttention_0,
+LayerNorm_0, MlpBlock_0}` (attention pooling, big_vision's names); a position embedding over the patches only
 (no_embed_class); no `embedding/bias`; quick-GELU; another LayerNorm eps.
 
 With an `AdapterSpec`, every targeted projection also holds the DMLoRA leaves `lora_a`
@@ -52,7 +53,7 @@ VARIANTS = {
 
 LN_EPS = 1e-6
 ACTIVATIONS = ("gelu", "quick_gelu")
-POOLS = ("token", "avg")
+POOLS = ("token", "avg", "map")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,7 @@ class ViTConfig:
   no_embed_class: bool = False  # the position embedding covers the patches only (no_embed_class)
   pre_norm: bool = False  # a LayerNorm before the first block (norm_pre: CLIP)
   activation: str = "gelu"  # MLP activation: gelu | quick_gelu (x * sigmoid(1.702 x): OpenAI CLIP)
-  pool: str = "token"  # token: class token, after encoder_norm | avg: mean of the patch tokens, then fc_norm
+  pool: str = "token"  # token: class token | avg: mean patch token, then fc_norm | map: attention pooling (MAPHead)
   patch_bias: bool = True  # the patch embedding's bias (CLIP has none)
   layer_norm_eps: float = LN_EPS  # 1e-6 (ViT, DINOv2); OpenAI CLIP uses 1e-5
 
@@ -143,11 +144,51 @@ class ViT(nn.Module):
     x = Transformer(c, self.adapter, name="Transformer")(x.astype(jnp.float32), branch_masks, train)
     if c.pool == "avg":
       x = LayerNorm(c.layer_norm_eps, name="fc_norm")(x[:, c.num_prefix:].mean(axis=1))
+    elif c.pool == "map":
+      x = MAPHead(c, name="MAPHead_0")(x[:, c.num_prefix:])  # over the patch tokens, as timm
     else:
       x = x[:, 0]
     if c.representation_size:
       x = jnp.tanh(nn.Dense(c.representation_size, name="pre_logits")(x))
     return nn.Dense(c.num_classes, name="head", kernel_init=nn.initializers.zeros)(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling (big_vision's MAPHead, timm's AttentionPoolLatent): a learned
+  probe token attends over the patch tokens, then a residual MLP on the LayerNorm of the result.
+  Part of the frozen backbone (SigLIP); no adapter branches."""
+  cfg: ViTConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    c = self.cfg
+    b, _, d = x_BxTxD.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
+    y = _MAPAttention(c, name="MultiHeadDotProductAttention_0")(jnp.broadcast_to(probe, (b, 1, d)), x_BxTxD)
+    y = y + MlpBlock(c, None, name="MlpBlock_0")(LayerNorm(c.layer_norm_eps, name="LayerNorm_0")(y), None)
+    return y[:, 0]
+
+
+class _MAPAttention(nn.Module):
+  """Cross-attention of the probe (B, 1, D) over the tokens (B, T, D), public q/k/v/out names."""
+  cfg: ViTConfig
+
+  @nn.compact
+  def __call__(self, q_Bx1xD, x_BxTxD):
+    c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    d, h, dh = c.width, c.num_heads, c.head_dim
+    proj = {n: Projection((d,), (h, dh), name=n)() for n in ("query", "key", "value")}
+    out = Projection((h, dh), (d,), name="out")()
+
+    def heads(y, src):  # (B, N, D) -> (B, H, N, Dh)
+      w, bias, _ = proj[y]
+      z = jnp.dot(src.astype(dt), w.astype(dt)) + bias.astype(dt)
+      return z.reshape(src.shape[0], src.shape[1], h, dh).transpose(0, 2, 1, 3)
+
+    q, k, v = heads("query", q_Bx1xD), heads("key", x_BxTxD), heads("value", x_BxTxD)
+    a = jax.nn.softmax((jnp.einsum("bhqe,bhke->bhqk", q, k) / math.sqrt(dh)).astype(jnp.float32), axis=-1)
+    o = jnp.einsum("bhqk,bhke->bhqe", a.astype(dt), v).transpose(0, 2, 1, 3).reshape(q_Bx1xD.shape[0], -1, h * dh)
+    return _dense(o, out, None, dt).astype(jnp.float32)
 
 
 class Embedding(nn.Module):

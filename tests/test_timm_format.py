@@ -21,6 +21,7 @@ FAMILIES = {
     "dinov2_reg": dict(layer_scale=True, num_registers=2, no_embed_class=True),  # timm's DINOv2-reg
     "clip": dict(pre_norm=True, activation="quick_gelu", patch_bias=False, layer_norm_eps=1e-5),
     "gap": dict(pool="avg"),  # mean patch token, fc_norm, no final norm
+    "map": dict(pool="map"),  # attention pooling (SigLIP)
 }
 
 
@@ -40,6 +41,12 @@ def timm_weights(seed=0, layer_scale=False, num_registers=0, no_embed_class=Fals
     sd["reg_token"] = r(1, num_registers, D)
   if pre_norm:
     sd |= {"norm_pre.weight": 1 + r(D), "norm_pre.bias": r(D)}
+  if pool == "map":
+    a = "attn_pool."
+    sd |= {a + "latent": r(1, 1, D), a + "q.weight": r(D, D), a + "q.bias": r(D), a + "kv.weight": r(2 * D, D),
+           a + "kv.bias": r(2 * D), a + "proj.weight": r(D, D), a + "proj.bias": r(D), a + "norm.weight": 1 + r(D),
+           a + "norm.bias": r(D), a + "mlp.fc1.weight": r(MLP, D), a + "mlp.fc1.bias": r(MLP),
+           a + "mlp.fc2.weight": r(D, MLP), a + "mlp.fc2.bias": r(D)}
   for i in range(DEPTH):
     b = f"blocks.{i}."
     sd |= {b + "norm1.weight": 1 + r(D), b + "norm1.bias": r(D), b + "attn.qkv.weight": r(3 * D, D),
@@ -81,24 +88,34 @@ def timm_forward(sd, x_nchw, activation="gelu", layer_norm_eps=1e-6, pool="token
   if "norm_pre.weight" in sd:
     t = ln(t, "norm_pre")
   hd = D // HEADS
-  for i in range(DEPTH):
-    b = f"blocks.{i}."
-    qkv = lin(ln(t, b + "norm1"), b + "attn.qkv").reshape(n, -1, 3, HEADS, hd).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv
+
+  def attend(q, k, v):  # (n, H, Tq, hd), (n, H, Tk, hd) x2 -> (n, Tq, D)
     a = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)
     a = np.exp(a - a.max(-1, keepdims=True))
     a /= a.sum(-1, keepdims=True)
-    o = (a @ v).transpose(0, 2, 1, 3).reshape(n, -1, D)
-    t = t + ls(lin(o, b + "attn.proj"), b + "ls1")
-    m = lin(ln(t, b + "norm2"), b + "mlp.fc1")
+    return (a @ v).transpose(0, 2, 1, 3).reshape(n, -1, D)
+
+  def act(m):
     if activation == "quick_gelu":
-      m = m / (1 + np.exp(-1.702 * m))
-    else:
-      m = 0.5 * m * (1 + erf(m / np.sqrt(2)))
-    t = t + ls(lin(m, b + "mlp.fc2"), b + "ls2")
+      return m / (1 + np.exp(-1.702 * m))
+    return 0.5 * m * (1 + erf(m / np.sqrt(2)))
+
+  for i in range(DEPTH):
+    b = f"blocks.{i}."
+    q, k, v = lin(ln(t, b + "norm1"), b + "attn.qkv").reshape(n, -1, 3, HEADS, hd).transpose(2, 0, 3, 1, 4)
+    t = t + ls(lin(attend(q, k, v), b + "attn.proj"), b + "ls1")
+    t = t + ls(lin(act(lin(ln(t, b + "norm2"), b + "mlp.fc1")), b + "mlp.fc2"), b + "ls2")
   if pool == "avg":
     return lin(ln(t[:, num_prefix:].mean(1), "fc_norm"), "head")
-  return lin(ln(t, "norm")[:, 0], "head")
+  t = ln(t, "norm")
+  if pool == "map":  # timm's AttentionPoolLatent: the latent attends over the patch tokens, then x + mlp(norm(x))
+    t = t[:, num_prefix:]
+    q = lin(np.broadcast_to(sd["attn_pool.latent"], (n, 1, D)), "attn_pool.q").reshape(n, 1, HEADS, hd).transpose(0, 2, 1, 3)
+    k, v = lin(t, "attn_pool.kv").reshape(n, -1, 2, HEADS, hd).transpose(2, 0, 3, 1, 4)
+    o = lin(attend(q, k, v), "attn_pool.proj")
+    o = o + lin(act(lin(ln(o, "attn_pool.norm"), "attn_pool.mlp.fc1")), "attn_pool.mlp.fc2")
+    return lin(o[:, 0], "head")
+  return lin(t[:, 0], "head")
 
 
 def _model(**family):
@@ -147,7 +164,7 @@ def test_conversions_round_trip_bit_for_bit(family):
      r"Transformer/encoderblock_0/ls1 \(32,\) is not in the model \(check model.layer_scale\)"),
     (lambda sd: sd.update({"reg_token": np.ones((1, 4, D), np.float32)}), r"registers .* \(check model.num_registers\)"),
     (lambda sd: sd.pop("patch_embed.proj.bias"), r"embedding/bias .* missing .* \(check model.patch_bias\)"),
-    (lambda sd: sd.update({"attn_pool.latent": np.ones((1, 1, D), np.float32)}), "attn_pool.latent is a MAP head"),
+    (lambda sd: sd.update({"attn_pool.latent": np.ones((1, 1, D), np.float32)}), "attn_pool.q.weight is missing"),
     (lambda sd: sd.pop("blocks.1.mlp.fc2.bias"), "blocks.1.mlp.fc2.bias is missing"),
     (lambda sd: sd.update({"blocks.0.attn.q_norm.weight": np.ones(D, np.float32)}),
      "blocks.0.attn.q_norm.weight has no place in this ViT"),

@@ -26,6 +26,7 @@ CASES = {
     "clip": ("clip.safetensors", dict(num_classes=5, pre_norm=True, activation="quick_gelu", patch_bias=False,
                                       layer_norm_eps=1e-5)),
     "gap": ("gap.safetensors", dict(num_classes=5, pool="avg")),
+    "map": ("map.safetensors", dict(num_classes=5, pool="map")),
     "hf_vit": ("hf_vit/model.safetensors", dict(num_classes=5)),
     # the features: a head of width 32 set to the identity below
     "hf_dinov2_reg": ("hf_dinov2_reg/model.safetensors", dict(num_classes=32, layer_scale=True, num_registers=2,
@@ -57,7 +58,7 @@ def test_a_torch_made_vit_loads_and_gives_its_libraries_logits(name):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["plain", "dinov2_reg", "clip", "gap"])
+@pytest.mark.parametrize("name", ["plain", "dinov2_reg", "clip", "gap", "map"])
 def test_timms_file_goes_out_again_bit_for_bit(name):
   sd = timm_format.load_safetensors(os.path.join(FIXTURES, CASES[name][0]))
   _, params = _load(name)

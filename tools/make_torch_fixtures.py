@@ -16,6 +16,7 @@ Families (timm's constructor arguments; geometry 16 px, patch 4, width 32, depth
   dinov2_reg  LayerScale + 2 register tokens + patch-only position embedding (timm's DINOv2-reg)
   clip        pre-norm, quick-GELU, no patch bias, LayerNorm eps 1e-5 (timm's CLIP image tower)
   gap         mean patch token with fc_norm, no final norm
+  map         attention pooling (timm's AttentionPoolLatent; SigLIP)
 and transformers' own: hf_vit (ViTForImageClassification, transformers 5 naming) and
 hf_dinov2_reg (Dinov2WithRegistersModel: its features, which a ViT with an identity head gives).
 """
@@ -37,6 +38,7 @@ def timm_families():
       "dinov2_reg": dict(init_values=1e-5, reg_tokens=2, no_embed_class=True),
       "clip": dict(pre_norm=True, act_layer="quick_gelu", norm_layer=nn.LayerNorm),
       "gap": dict(global_pool="avg"),
+      "map": dict(global_pool="map"),
   }
 
 

@@ -35,6 +35,7 @@ FAMILIES = {
     "clip": (dict(pre_norm=True, activation="quick_gelu", patch_bias=False, layer_norm_eps=1e-5),
              "pre_norm=True, act_layer=quick_gelu, norm_layer=nn.LayerNorm"),
     "gap": (dict(gelu_approximate=False, pool="avg"), "global_pool=avg"),
+    "map": (dict(gelu_approximate=False, pool="map"), "global_pool=map"),
 }
 
 
@@ -76,7 +77,7 @@ def _timm_model(tag):
   kw = {"plain_tanh": dict(act_layer=functools.partial(nn.GELU, approximate="tanh")), "plain": {},
         "dinov2_reg": dict(init_values=1e-5, reg_tokens=2, no_embed_class=True),
         "clip": dict(pre_norm=True, act_layer="quick_gelu", norm_layer=nn.LayerNorm),
-        "gap": dict(global_pool="avg")}[tag]
+        "gap": dict(global_pool="avg"), "map": dict(global_pool="map")}[tag]
   return VisionTransformer(**GEOMETRY, **kw).eval()
 
 
