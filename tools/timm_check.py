@@ -18,6 +18,13 @@ and writes what PEFT gave (peft_logits.npy) beside them. Exit status 1 if any |d
 tests/fixtures/peft/ holds a `write` + `check` output of the plain and dinov2_reg families
 (tests/test_peft_export.py).
 
+A third pair checks the other direction on what the Hugging Face hub cache holds: every timm
+ViT there (models--timm--*, model.safetensors + config.json) runs in timm, then loads in the
+project through model.variant=auto and must give the same logits:
+
+  /path/to/torch-env/bin/python -m tools.timm_check hub-timm /tmp/hubcheck [HF_HUB_CACHE]
+  python -m tools.timm_check hub-check /tmp/hubcheck
+
 Measured 2026-12-06, timm 1.0.31 / peft 0.21.2 / torch 2.14.1 CPU: see the README's
 "Checkpoints in and out".
 """
@@ -114,10 +121,84 @@ def check(out: str) -> None:
   sys.exit(0 if worst < 1e-4 else 1)
 
 
+def hub_timm(out: str, cache: str = "") -> None:
+  """torch env: timm's logits for every timm ViT in the hub cache, and what the project must be
+  told that the weights cannot say (heads, activation, LayerNorm eps)."""
+  import glob
+  import json
+  os.environ["HF_HUB_OFFLINE"] = "1"
+  if cache:
+    os.environ["HF_HUB_CACHE"] = cache
+  import numpy as np
+  import timm
+  import torch
+  from huggingface_hub import constants
+  from timm.models.vision_transformer import VisionTransformer
+  os.makedirs(out, exist_ok=True)
+  found = []
+  for snap in sorted(glob.glob(os.path.join(constants.HF_HUB_CACHE, "models--timm--*", "snapshots", "*"))):
+    path = os.path.join(snap, "model.safetensors")
+    if not (os.path.exists(path) and os.path.exists(os.path.join(snap, "config.json"))):
+      continue
+    repo = "timm/" + snap.split("models--timm--")[1].split(os.sep)[0]
+    try:
+      m = timm.create_model("hf-hub:" + repo, pretrained=True)
+    except Exception as e:
+      print(f"{repo}: timm cannot build it ({type(e).__name__}); skipped")
+      continue
+    if not isinstance(m, VisionTransformer):
+      print(f"{repo}: {type(m).__name__}, not a VisionTransformer; skipped")
+      continue
+    size = m.pretrained_cfg["input_size"][1:]
+    x = np.random.default_rng(0).standard_normal((2, 3, *size)).astype(np.float32)
+    with torch.no_grad():
+      logits = m.double().eval()(torch.from_numpy(x).double()).numpy()
+    act = m.blocks[0].mlp.act
+    tag = repo.replace("/", "--")
+    np.save(os.path.join(out, f"{tag}_x.npy"), x)
+    np.save(os.path.join(out, f"{tag}_logits.npy"), logits)
+    found.append({"repo": repo, "path": path, "tag": tag, "num_heads": m.blocks[0].attn.num_heads,
+                  "activation": "quick_gelu" if "Quick" in type(act).__name__ else "gelu",
+                  "gelu_approximate": getattr(act, "approximate", "none") == "tanh",
+                  "layer_norm_eps": m.blocks[0].norm1.eps, "image_size": list(size)})
+    print(f"{repo}: timm {timm.__version__} logits written")
+  with open(os.path.join(out, "hub.json"), "w") as f:
+    json.dump(found, f, indent=1)
+  print(f"{len(found)} timm ViT(s) in {constants.HF_HUB_CACHE}")
+
+
+def hub_check(out: str) -> None:
+  """dmlora_jax env: each of hub_timm's models through model.variant=auto, against timm."""
+  import json
+  import jax.numpy as jnp
+  import numpy as np
+  from dmlora_jax import config_base, setup, vit
+  worst = 0.0
+  for e in json.load(open(os.path.join(out, "hub.json"))):
+    want = np.load(os.path.join(out, f"{e['tag']}_logits.npy"))
+    c = config_base.get_base_config()
+    c.model.variant, c.model.init_checkpoint, c.model.num_heads = "auto", e["path"], e["num_heads"]
+    c.model.activation, c.model.gelu_approximate = e["activation"], e["gelu_approximate"]
+    c.model.layer_norm_eps, c.data.image_size = e["layer_norm_eps"], e["image_size"][0]
+    model = vit.ViT(setup.vit_config(c, want.shape[1]))
+    params, _ = setup.init_params(model, c, e["image_size"][0])
+    x = np.load(os.path.join(out, f"{e['tag']}_x.npy")).transpose(0, 2, 3, 1)
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(x)))
+    diff, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
+    worst = max(worst, diff / max(scale, 1.0))
+    print(f"{e['repo']}: max |logit diff| vs timm {diff:.2e} (max |logit| {scale:.2f})")
+  sys.exit(0 if worst <= 1e-5 else 1)
+
+
 if __name__ == "__main__":
-  if len(sys.argv) < 3 or sys.argv[1] not in ("write", "check"):
+  commands = ("write", "check", "hub-timm", "hub-check")
+  if len(sys.argv) < 3 or sys.argv[1] not in commands:
     sys.exit(__doc__)
   if sys.argv[1] == "write":
     write(sys.argv[2], tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else tuple(FAMILIES))
-  else:
+  elif sys.argv[1] == "check":
     check(sys.argv[2])
+  elif sys.argv[1] == "hub-timm":
+    hub_timm(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
+  else:
+    hub_check(sys.argv[2])
