@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from dmlora_jax import dmlora, npz, peft_export, timm_format, vit
+from dmlora_jax import dmlora, merge, npz, peft_export, timm_format, vit
 from dmlora_jax.pytrees import flatten, unflatten
 from test_timm_format import timm_forward
 
@@ -36,8 +36,13 @@ def test_peft_on_timm_reproduces_the_adapted_logits(tag, tmp_path):
   d = os.path.join(FIXTURES, tag)
   params = unflatten(npz.load_npz(os.path.join(d, "params.npz")))
   x = np.load(os.path.join(FIXTURES, "x.npy"))
+  peft_logits = np.load(os.path.join(d, "peft_logits.npy"))
   ours = np.asarray(_model(FIXTURE_FAMILIES[tag]).apply({"params": params}, jnp.asarray(x)))
-  np.testing.assert_allclose(ours, np.load(os.path.join(d, "peft_logits.npy")), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(ours, peft_logits, atol=1e-5, rtol=0)
+  # the merged export (a plain ViT; merged.safetensors is its timm naming) gives them too
+  plain = vit.ViT(vit.parse_variant("tiny/4", 10, **FIXTURE_FAMILIES[tag]))
+  merged = timm_format.to_public(timm_format.from_public(flatten(merge.merge_params(params))), 2)
+  np.testing.assert_allclose(plain.apply({"params": unflatten(merged)}, jnp.asarray(x)), peft_logits, atol=1e-5, rtol=0)
   # ... and today's exporter writes what PEFT read for those logits.
   peft_export.export_peft(params, str(tmp_path))
   got, want = load_file(str(tmp_path / "adapter_model.safetensors")), load_file(os.path.join(d, "adapter", "adapter_model.safetensors"))
