@@ -71,6 +71,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dmlora.min_active = 1
   c.dmlora.rescale = True  # inverted-dropout 1/(1-p) rescale of kept branches
 
+  # DoRA (method=dora): one LoRA branch on the direction, a trained magnitude per output unit.
+  # Rank, alpha and targets as the LoRA row's defaults, so the two compare at equal rank.
+  c.dora = ml_collections.ConfigDict()
+  c.dora.rank = 8
+  c.dora.alpha = 8.0  # LoRA scale alpha / rank, as PEFT's lora_alpha
+  c.dora.targets = ("query", "key", "value")
+  c.dora.init = "kaiming_uniform"  # of A, as PEFT
+
   c.stage1 = ml_collections.ConfigDict()
   c.stage1.epochs = 100
   c.stage1.lr = 1e-3
@@ -269,16 +277,18 @@ def validate(config) -> None:
   _check(0 < s1.min_lr <= s1.lr, "stage1.min_lr", s1.min_lr, f"must be in (0, stage1.lr={s1.lr}]")
   _check(s1.weight_decay >= 0, "stage1.weight_decay", s1.weight_decay, "must be >= 0")
   if method.branches != "none":
-    d = c.dmlora
-    _check(d.num_branches >= 1, "dmlora.num_branches", d.num_branches, "must be >= 1")
-    _check(d.rank >= 1, "dmlora.rank", d.rank, "must be >= 1")
-    _check(d.alpha > 0, "dmlora.alpha", d.alpha, "must be > 0 (the scales are stored as log alpha_l)")
+    blk = method.config_block
+    d = c[blk]
+    if method.branches == "K":
+      _check(d.num_branches >= 1, "dmlora.num_branches", d.num_branches, "must be >= 1")
+    _check(d.rank >= 1, f"{blk}.rank", d.rank, "must be >= 1")
+    _check(d.alpha > 0, f"{blk}.alpha", d.alpha, "must be > 0 (the scales are stored as log alpha_l)")
     bad = [t for t in d.targets if t not in ALL_TARGETS]
-    _check(bool(d.targets) and not bad, "dmlora.targets", tuple(d.targets),
+    _check(bool(d.targets) and not bad, f"{blk}.targets", tuple(d.targets),
            f"unknown target(s) {bad or '(none given)'}; choose from {', '.join(ALL_TARGETS)}")
-    _one_of("dmlora.init", d.init, ("kaiming_uniform", "gaussian"))
+    _one_of(f"{blk}.init", d.init, ("kaiming_uniform", "gaussian"))
     k = 1 if method.branches == "one" else d.num_branches
-    if d.split_rank and k > 1:
+    if k > 1 and d.split_rank:
       _check(d.rank % d.num_branches == 0 and d.rank >= d.num_branches, "dmlora.split_rank", True,
              f"rank {d.rank} is not divisible by num_branches {d.num_branches}")
     if method.drop:

@@ -33,7 +33,8 @@ from flax import traverse_util
 LORA_A = "lora_a"
 LORA_B = "lora_b"
 LORA_LOG_SCALE = "lora_log_scale"
-ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_LOG_SCALE)
+DORA_MAGNITUDE = "dora_magnitude"  # DoRA's m (dora.py)
+ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_LOG_SCALE, DORA_MAGNITUDE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,7 @@ class AdapterSpec:
   alpha: float = 8.0
   targets: Sequence[str] = ("query", "key", "value")
   init: str = "kaiming_uniform"  # kaiming_uniform | gaussian
+  dora: bool = False  # DoRA: one branch, and a magnitude vector per projection (dora.py)
 
   def __post_init__(self):
     from dmlora_jax.config_base import ALL_TARGETS
@@ -57,6 +59,8 @@ class AdapterSpec:
                        f"choose from {ALL_TARGETS}")
     if not self.alpha > 0:
       raise ValueError(f"dmlora.alpha must be > 0 (the scales are stored as log alpha_l), got {self.alpha}")
+    if self.dora and self.num_branches != 1:
+      raise ValueError(f"DoRA has one branch, got num_branches={self.num_branches}")
     if self.init not in ("kaiming_uniform", "gaussian"):
       raise ValueError(f"dmlora.init must be 'kaiming_uniform' or 'gaussian', got {self.init!r}")
 

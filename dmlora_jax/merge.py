@@ -2,7 +2,8 @@
 
     W' = W + (alpha_l / r) * sum_k A_k B_k      (x W convention; B_k A_k in torch's W x)
 
-with alpha_l = exp(lora_log_scale), computed in float32 whatever the storage dtype, then
+with alpha_l = exp(lora_log_scale) (DoRA: W' = m (W + s A B) / ||W + s A B||_c, dora.py),
+computed in float32 whatever the storage dtype, then
 cast back to the kernel's dtype and reshaped to its checkpoint shape. The result has exactly the names and shapes of a public
 ViT checkpoint and runs in the plain model with no adapter code.
 """
@@ -11,7 +12,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from dmlora_jax import dmlora
+from dmlora_jax import dmlora, dora
 from dmlora_jax.pytrees import flatten, unflatten
 
 Params = Mapping[str, Any]
@@ -28,8 +29,11 @@ def merge_params(params: Params) -> dict:
   out = {k: v for k, v in flat.items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
   for module in adapted_modules(params):
     kernel = flat[f"{module}/kernel"]
-    a = flat[f"{module}/{dmlora.LORA_A}"]
-    delta = dmlora.delta_kernel(a, flat[f"{module}/{dmlora.LORA_B}"], flat[f"{module}/{dmlora.LORA_LOG_SCALE}"])
-    merged = kernel.astype(jnp.float32).reshape(delta.shape) + delta
+    a, b, s = (flat[f"{module}/{leaf}"] for leaf in (dmlora.LORA_A, dmlora.LORA_B, dmlora.LORA_LOG_SCALE))
+    if f"{module}/{dmlora.DORA_MAGNITUDE}" in flat:  # DoRA: the kernel the forward pass builds
+      merged = dora.effective_kernel(kernel.reshape(a.shape[1], -1), a, b, s, flat[f"{module}/{dmlora.DORA_MAGNITUDE}"])
+    else:
+      delta = dmlora.delta_kernel(a, b, s)
+      merged = kernel.astype(jnp.float32).reshape(delta.shape) + delta
     out[f"{module}/kernel"] = merged.reshape(kernel.shape).astype(kernel.dtype)
   return unflatten(out)

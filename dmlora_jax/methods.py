@@ -23,6 +23,8 @@ class Method:
   stage1: frozenset  # labels trained in stage 1
   stage1_of: str = ""  # the method whose stage 1 this one's is ("" = its own)
   settings: tuple = ()  # (config key, value) pairs the method fixes, e.g. the 2S-LS granularity
+  config_block: str = "dmlora"  # the config block of its adapter: rank, alpha, targets, init
+  dora: bool = False  # DoRA's magnitude/direction split on the one branch (dora.py)
 
   @property
   def stage1_key(self) -> str:
@@ -50,10 +52,11 @@ class Method:
     """The branch layout from config.dmlora; LoRA is one branch of the full rank."""
     if self.branches == "none":
       return None
-    d = config.dmlora
+    d = config[self.config_block]
     k = 1 if self.branches == "one" else d.num_branches
-    rank = d.rank // k if d.split_rank and k > 1 else d.rank
-    return dmlora.AdapterSpec(num_branches=k, rank=rank, alpha=d.alpha, targets=tuple(d.targets), init=d.init)
+    rank = d.rank // k if k > 1 and d.split_rank else d.rank
+    return dmlora.AdapterSpec(num_branches=k, rank=rank, alpha=d.alpha, targets=tuple(d.targets), init=d.init,
+                              dora=self.dora)
 
 
 _ADAPTER = frozenset({BRANCHES, HEAD})
@@ -67,6 +70,8 @@ METHODS = {m.name: m for m in [
            _ADAPTER, stage1_of="dropout"),
     Method("dmlora_block", "DMLoRA with one 2S-LS scale per encoder block", "K", True, True, _ADAPTER,
            stage1_of="dropout", settings=(("stage2.granularity", "block"),)),
+    Method("dora", "DoRA: one LoRA branch on the direction, a trained magnitude per output unit", "one", False,
+           False, _ADAPTER, config_block="dora", dora=True),
 ]}
 
 

@@ -9,7 +9,9 @@ The per-module alpha_l / r is folded into B, and lora_alpha equals the rank, so 
 scale lora_alpha / r is 1. timm fuses q, k and v into one `attn.qkv` Linear: the adapted ones
 among them become one block-structured LoRA of rank (targets among q, k, v) * K * r, whose B
 is zero outside each target's output rows (rank_pattern / alpha_pattern say so for `qkv`).
-The trained head goes in `modules_to_save`.
+The trained head goes in `modules_to_save`. DoRA (dora.py) is PEFT's `use_dora`: its
+magnitude vector per output unit is PEFT's `lora_magnitude_vector`, and since each output row
+of the fused qkv belongs to one of q, k, v, DoRA on each equals DoRA on the fused Linear.
 
 What is exact: the adapted logits in evaluation (all branches, no dropout), given the same base
 weights. What is not carried: branch dropout and the drop schedule (a training-time thing: PEFT
@@ -60,6 +62,7 @@ def peft_adapter(params) -> tuple[dict[str, np.ndarray], dict]:
       raise timm_format.FormatError(f"no PEFT adapter: {m} has no timm counterpart")
     block, proj = match.groups()
     by_linear.setdefault(f"blocks.{block}.{TIMM_MODULE[proj]}", {})[proj] = m
+  use_dora = any(k.endswith("/" + dmlora.DORA_MAGNITUDE) for k in flat)
   sd, ranks = {}, {}
   for linear, projs in sorted(by_linear.items()):
     if linear.endswith("attn.qkv"):
@@ -71,9 +74,15 @@ def peft_adapter(params) -> tuple[dict[str, np.ndarray], dict]:
       for j, _, pb in parts:
         b[col:col + pb.shape[0], j * d:(j + 1) * d] = pb
         col += pb.shape[0]
+      members = [projs.get(p, re.sub(r"/\w+$", "/" + p, next(iter(projs.values())))) for p in QKV]
     else:
       (module,) = projs.values()
       a, b = _fused(flat, module)
+      members = [module]
+    if use_dora:  # PEFT's magnitude per output row; a q/k/v without DoRA keeps ||W||_c (an identity)
+      sd[f"{PREFIX}{linear}.lora_magnitude_vector"] = np.concatenate([
+          np.asarray(flat[f"{m}/{dmlora.DORA_MAGNITUDE}"], np.float32) if f"{m}/{dmlora.DORA_MAGNITUDE}" in flat
+          else np.linalg.norm(np.asarray(flat[f"{m}/kernel"], np.float32).reshape(d, -1), axis=0) for m in members])
     sd[f"{PREFIX}{linear}.lora_A.weight"] = np.ascontiguousarray(a.T)  # (rank, in), torch's (out, in)
     sd[f"{PREFIX}{linear}.lora_B.weight"] = np.ascontiguousarray(b.T)  # (out, rank)
     ranks[linear.split(".", 2)[2]] = a.shape[1]
@@ -88,7 +97,7 @@ def peft_adapter(params) -> tuple[dict[str, np.ndarray], dict]:
       "r": default, "lora_alpha": default, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
       "target_modules": r"blocks\.\d+\.(" + "|".join(re.escape(n) for n in names) + ")",
       "modules_to_save": ["head"] if "head/kernel" in flat else None,
-      "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+      "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": use_dora,
       "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
       "auto_mapping": {"base_model_class": "VisionTransformer", "parent_library": "timm.models.vision_transformer"},
   }

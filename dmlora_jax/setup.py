@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmlora_jax import checkpoint_source, config_base, data, dmlora, methods, npz, optimizers, partition, pytrees, steps, vit
+from dmlora_jax import checkpoint_source, config_base, data, dmlora, dora, methods, npz, optimizers, partition, pytrees, steps, vit
 from dmlora_jax.progress import say
 
 
@@ -73,17 +73,20 @@ FAMILY_FIELDS = ("layer_scale", "num_registers", "no_embed_class", "pre_norm", "
 
 
 def init_params(model: vit.ViT, config, image_size: int) -> tuple[dict, str]:
-  """Random init from config.seed, then the base checkpoint if one is configured.
-  Returns (params as host arrays, fingerprint of the base weights)."""
+  """Random init from config.seed, then the base checkpoint if one is configured, then DoRA's
+  magnitudes (if any) from the loaded kernels. Returns (params as host arrays, fingerprint of
+  the base weights)."""
   key = jax.random.fold_in(jax.random.key(config.seed), 0)
   params = jax.jit(model.init)(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
   params = jax.tree.map(np.asarray, params)
   path = config.model.init_checkpoint
   if path:
-    return npz.load_pretrained(params, path, posemb_prefix=model.cfg.posemb_prefix)
-  say("WARNING: model.init_checkpoint is empty; fine-tuning a randomly initialised backbone")
-  base = {k: v for k, v in pytrees.flatten(params).items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
-  return params, "random:" + npz.fingerprint(base)
+    params, fp = npz.load_pretrained(params, path, posemb_prefix=model.cfg.posemb_prefix)
+  else:
+    say("WARNING: model.init_checkpoint is empty; fine-tuning a randomly initialised backbone")
+    base = {k: v for k, v in pytrees.flatten(params).items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
+    fp = "random:" + npz.fingerprint(base)
+  return jax.tree.map(np.asarray, pytrees.unflatten(dora.init_magnitudes(pytrees.flatten(params)))), fp
 
 
 def count(tree) -> int:

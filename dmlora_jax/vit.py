@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmlora_jax import dmlora, kernels
+from dmlora_jax import dmlora, dora, kernels
 
 # name -> (width, depth, heads, mlp_dim)
 VARIANTS = {
@@ -356,6 +356,9 @@ class Projection(nn.Module):
       b = self.param(dmlora.LORA_B, nn.initializers.zeros, (k, r, d_out))
       s = self.param(dmlora.LORA_LOG_SCALE, nn.initializers.constant(math.log(self.adapter.alpha)), ())
       lora = (a, b, s)
+      if self.adapter.dora:  # W' = m (W + s A B) / ||.||_c as the kernel (set to ||W||_c after loading)
+        m = self.param(dmlora.DORA_MAGNITUDE, nn.initializers.ones, (d_out,))
+        return dora.effective_kernel(kernel.reshape(d_in, d_out), a, b, s, m), bias.reshape(d_out), None
     return kernel.reshape(d_in, d_out), bias.reshape(d_out), lora
 
 
