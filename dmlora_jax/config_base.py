@@ -16,6 +16,9 @@ import ml_collections
 
 # The projections a DMLoRA branch set can sit beside, by their checkpoint names.
 ALL_TARGETS = ("query", "key", "value", "out", "Dense_0", "Dense_1")
+# config.model.attention (kernels.ATTENTION, kept here so that validating a config needs no
+# JAX backend: the sweep validates in a parent process that must not take the accelerator).
+ATTENTION = ("auto", "cpu_kernel", "xla", "dot_product_attention", "cudnn", "pallas_tpu_flash")
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -35,6 +38,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.remat = False  # rematerialise each encoder block in the backward pass
   c.model.drop_path = 0.0  # stochastic depth of the last block (some PyTorch recipes use 0.1)
+  # kernels.ATTENTION: auto (per backend) | cpu_kernel | xla | dot_product_attention | cudnn |
+  # pallas_tpu_flash. Checked against the backend when the model is built (setup.build_model).
+  c.model.attention = "auto"
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "vtab1k_folder"  # vtab1k_folder | fgvc_json | tfds | demo
@@ -192,13 +198,21 @@ STAGE1_IRRELEVANT = ("data.root", "data.tfds_data_dir", "data.num_workers", "log
                      "keep_checkpoints", "model.init_checkpoint")
 
 
+# Keys added after checkpoints first recorded fingerprints, with their defaults: left out of
+# the hash while at the default, so that a run written before they existed still matches
+# (its stage 1 was computed exactly so). Another value changes the numerics (within float
+# rounding) and so the fingerprint.
+LATER_KEYS = {"model.attention": "auto", "parallel": "pmap"}
+
+
 def stage1_fingerprint(config) -> str:
   """A hash of every config value that stage 1 depends on: everything but stage2.* and
   STAGE1_IRRELEVANT, with the method as the method whose stage 1 it shares (dmlora's is
   dropout's). Two runs with equal fingerprints train bit-identical stage 1s."""
   from dmlora_jax import methods
   flat = flatten(config)
-  used = {k: v for k, v in flat.items() if not k.startswith("stage2.") and k not in STAGE1_IRRELEVANT}
+  used = {k: v for k, v in flat.items() if not k.startswith("stage2.") and k not in STAGE1_IRRELEVANT
+          and not (k in LATER_KEYS and v == LATER_KEYS[k])}
   used["method"] = methods.get(config.method).stage1_key
   return hashlib.sha256(json.dumps(used, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -229,6 +243,7 @@ def validate(config) -> None:
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
   _one_of("model.dtype", c.model.dtype, ("float32", "bfloat16"))
+  _one_of("model.attention", c.model.attention, ATTENTION)
   _check(0.0 <= c.model.drop_path < 1.0, "model.drop_path", c.model.drop_path, "must be in [0, 1)")
   if c.model.init_checkpoint and not c.model.init_checkpoint.startswith("hf-hub:"):
     _check(os.path.isfile(c.model.init_checkpoint), "model.init_checkpoint", c.model.init_checkpoint,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmlora_jax import config_base, data, dmlora, methods, npz, optimizers, partition, pytrees, steps, vit
+from dmlora_jax import config_base, data, dmlora, kernels, methods, npz, optimizers, partition, pytrees, steps, vit
 from dmlora_jax.progress import say
 
 
@@ -35,11 +35,13 @@ class Plan:
 
 
 def build_model(config, num_classes: int, adapter: dmlora.AdapterSpec | None = None) -> vit.ViT:
-  """The ViT of config.model; a plain one without `adapter`."""
+  """The ViT of config.model; a plain one without `adapter`. An attention implementation that
+  cannot run on this backend is a ConfigError here, before anything is compiled."""
   m = config.model
+  kernels.attention_fn(m.attention)
   cfg = vit.parse_variant(m.variant, num_classes, representation_size=m.representation_size,
                           gelu_approximate=m.gelu_approximate, dtype=m.dtype, remat=m.remat,
-                          drop_path=m.drop_path)
+                          drop_path=m.drop_path, attention=m.attention)
   return vit.ViT(cfg, adapter)
 
 

@@ -61,6 +61,7 @@ class ViTConfig:
   dtype: str = "float32"
   remat: bool = False
   drop_path: float = 0.0  # stochastic depth of the last block; linear from 0 over depth (timm)
+  attention: str = "auto"  # kernels.ATTENTION: which attention implementation (per backend)
 
   def __post_init__(self):
     if not 0.0 <= self.drop_path < 1.0:
@@ -209,7 +210,7 @@ class MultiHeadDotProductAttention(nn.Module):
     # Scaling q (B*H*T*Dh values, fused into the head transpose) instead of the logits
     # (B*H*T*T values, a separate pass on CPU) saves one pass over the largest tensor.
     q = q * jnp.asarray(1.0 / math.sqrt(dh), dt)
-    o = kernels.attention(q, k, v)
+    o = kernels.attention_fn(c.attention)(q, k, v)
     o = o.reshape(b, h, t, dh).transpose(0, 2, 1, 3).reshape(b, t, h * dh)
     return _dense(o, projs["out"], mask["out"], dt)
 
