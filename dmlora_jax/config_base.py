@@ -29,6 +29,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.log_every = 10
+  # How the step runs over the devices (steps.Pmap / steps.Jit): pmap over the local devices,
+  # or jit with a data-parallel NamedSharding over all devices of all processes.
+  c.parallel = "pmap"
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/16"
@@ -255,6 +258,7 @@ def validate(config) -> None:
          f"must be a positive multiple of the patch size {cfg.patch_size} of model.variant={c.model.variant}")
   _check(c.data.num_classes >= 0, "data.num_classes", c.data.num_classes, "must be >= 0 (0 = read from the task)")
   _check(c.batch_size > 0, "batch_size", c.batch_size, "must be > 0")
+  _one_of("parallel", c.parallel, ("pmap", "jit"))
   for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
     _check(c[key] >= 1, key, c[key], "must be >= 1")
   s1 = c.stage1

@@ -44,6 +44,7 @@ MISTAKES = [
     ({"stage2.lr": 0.0}, "config.stage2.lr=0.0: must be > 0 (or stage2.epochs=0 to skip 2S-LS)"),
     ({"stage2.granularity": "layer"}, "config.stage2.granularity='layer' is not one of module, block"),
     ({"batch_size": 0}, "config.batch_size=0: must be > 0"),
+    ({"parallel": "pjit"}, "config.parallel='pjit' is not one of pmap, jit"),
 ]
 
 
