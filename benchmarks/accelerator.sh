@@ -9,7 +9,8 @@
 #   DRY_RUN=1 benchmarks/accelerator.sh /tmp/acc # tiny model on CPU, seconds: checks the script
 #
 # Budget: at most 8 minutes on one GPU or TPU host (3 compilations of a ViT-B/16 step + eval,
-# 20 timed steps each). LoRA is one branch of rank K*r = 32 (DMLoRA's parameter count).
+# 20 timed steps each; a 4th dmlora row with cuDNN attention on a GPU). LoRA is one branch of
+# rank K*r = 32 (DMLoRA's parameter count).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/accelerator}
@@ -31,5 +32,14 @@ for method in full lora dmlora; do
   python -m dmlora_jax.bench --methods "$method" "${COMMON[@]}" --json "$OUT/$method.json" >&2
   files+=("$OUT/$method.json")
 done
+# On a GPU, jax.nn.dot_product_attention with implementation=None (what attention=auto asks for)
+# is XLA's in jax 0.10.2; a dmlora_cudnn row measures cuDNN's fused attention beside it (left out
+# of the table, not fatal, if cuDNN refuses the shapes).
+if [[ "${DRY_RUN:-0}" != "1" ]] && command -v nvidia-smi > /dev/null; then
+  echo "[accelerator] dmlora with attention=cudnn" >&2
+  if python -m dmlora_jax.bench --methods dmlora --attention cudnn "${COMMON[@]}" --json "$OUT/dmlora_cudnn.json" >&2; then
+    files+=("$OUT/dmlora_cudnn.json")
+  fi
+fi
 python -m dmlora_jax.bench --combine "$(IFS=,; echo "${files[*]}")" --json "$OUT/accelerator.json" \
     --markdown "$OUT/accelerator.md"

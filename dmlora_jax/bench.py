@@ -63,6 +63,7 @@ def _config(a: argparse.Namespace, method: str, num_branches: int, rank: int, dt
   c.dmlora.targets = tuple(a.targets.split(","))
   c.dmlora.drop_schedule, c.dmlora.drop_end = "constant", 0.25  # the cost of a step does not depend on p
   c.model.init_checkpoint = ""
+  c.model.attention = a.attention
   return c
 
 
@@ -195,6 +196,7 @@ class Row:
     out = {
         "method": self.method, "num_branches": ad.num_branches if ad else 0, "rank": ad.rank if ad else 0,
         "dtype": self.config.model.dtype, "remat": bool(self.config.model.remat),
+        "attention": self.config.model.attention,
         "train_images_per_s": a.batch_size / step_s, "train_step_s": step_s, "train_step_times_s": self.train_times,
         "train_step_minor_faults": self.train_faults,
         "eval_images_per_s": a.batch_size / eval_s, "eval_step_s": eval_s, "compile_s": self.compile_s,
@@ -313,6 +315,8 @@ def _runs(a) -> list[tuple]:
       raise ValueError(f"--switches: unknown switch {sw!r}; choose from remat, bf16")
     for name, method, kk, rr in [x for x in rows if x[0] in ("full", "dmlora")]:
       rows.append((f"{name}_{sw}", method, kk, rr, "bfloat16" if sw == "bf16" else "", 1 if sw == "remat" else -1))
+  if a.attention != "auto":  # e.g. dmlora_cudnn: a row beside the default's in a combined table
+    rows = [(f"{x[0]}_{a.attention}", *x[1:]) for x in rows]
   return rows
 
 
@@ -407,6 +411,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--matmul_size", type=int, default=2048)
   ap.add_argument("--in_process", type=int, default=0,
                   help="1: no fresh process per row for peak memory (faster; peak memory is then cumulative)")
+  ap.add_argument("--attention", default="auto", choices=config_base.ATTENTION,
+                  help="config.model.attention; other than auto, the row names get _{attention}")
   ap.add_argument("--per_device_batch", type=int, default=0,
                   help="> 0: --batch_size is this times the number of local devices")
   ap.add_argument("--peak_flops", type=float, default=0.0,

@@ -14,8 +14,9 @@ On GPU and TPU, XLA's own fusions make these choices matter less; they stay corr
 
 Attention is the one kernel with a better implementation per backend, so the model asks
 `attention_fn(config.model.attention)` for it (see ATTENTION): `auto` is this CPU kernel on
-CPU, `jax.nn.dot_product_attention` on GPU (cuDNN's fused attention where JAX can use it)
-and Pallas flash attention on TPU where the token count needs no padding. Every choice is
+CPU, `jax.nn.dot_product_attention` on GPU (JAX's pick: XLA in jax 0.10.2; `cudnn` forces
+cuDNN's fused attention) and Pallas flash attention on TPU where the token count needs no
+padding. None of the GPU/TPU choices has been run on a GPU or TPU yet. Every choice is
 the same softmax(q k^T) v; tests/test_kernels.py checks each one that runs on CPU (Pallas in
 its interpreter) against NumPy, values and gradients.
 """
@@ -122,7 +123,8 @@ def _xla_attention(q, k, v):
 
 def _dot_product_attention(q, k, v, implementation=None):
   """jax.nn.dot_product_attention on (N, T, 1, Dh): N = batch*heads as its batch, one head.
-  implementation=None lets JAX pick (cuDNN on a GPU for float16/bfloat16, else XLA)."""
+  implementation=None lets JAX pick: in jax 0.10.2 that is still XLA (JAX's own TODO to select
+  cuDNN automatically); `cudnn` asks for cuDNN's fused attention (float16/bfloat16)."""
   o = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], scale=1.0,
                                    implementation=implementation)
   return o[:, :, 0]
