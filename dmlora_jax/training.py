@@ -9,7 +9,7 @@ reads them (data.prefetch), the train state is donated, the step keys are made o
 devices (steps.key_maker), and metrics come back only every config.log_every steps. The
 places that do copy between host and devices (restore and the first placement, logging,
 checkpoints, the stage-2 switch) say so with jax.transfer_guard("allow"): train() called
-under jax.transfer_guard("disallow") fails at any other copy (tests/test_parallel.py). The
+under jax.transfer_guard("disallow") fails at any other copy (tests/test_multidevice.py). The
 guard is per thread: data.prefetch's thread places the batches (explicit copies) unguarded.
 """
 
