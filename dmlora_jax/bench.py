@@ -169,8 +169,10 @@ class Row:
     self.train_c = train.lower(self.state, self.batch, self.base_key).compile()
     self.compile_s = time.perf_counter() - t0
     self.step_flops = _flops(self.train_c) * n_dev  # cost analysis is of the per-device program
+    t0 = time.perf_counter()
     self.eval_c = steps.pmap_eval_step(steps.make_eval_step(model, "imagenet")).lower(
         self.state, self.eval_batch).compile()
+    self.eval_compile_s = time.perf_counter() - t0
     self.i, self.train_times, self.eval_times, self.train_faults = 0, [], [], []
     self.model, self.images = model, images
 
@@ -200,6 +202,7 @@ class Row:
         "train_images_per_s": a.batch_size / step_s, "train_step_s": step_s, "train_step_times_s": self.train_times,
         "train_step_minor_faults": self.train_faults,
         "eval_images_per_s": a.batch_size / eval_s, "eval_step_s": eval_s, "compile_s": self.compile_s,
+        "eval_compile_s": self.eval_compile_s,
         "trainable_params": self.counts[0], "total_params": self.counts[1],
         "step_flops": self.step_flops, "achieved_flops_per_s": self.step_flops / step_s,
         "eval_flops": _flops(self.eval_c) * self.n_dev,

@@ -11,7 +11,7 @@ from dmlora_jax import bench
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import targets  # noqa: E402  (benchmarks/targets.py)
 
-FIELDS = ("train_images_per_s", "eval_images_per_s", "compile_s", "peak_memory_bytes", "trainable_params",
+FIELDS = ("train_images_per_s", "eval_images_per_s", "compile_s", "eval_compile_s", "peak_memory_bytes", "trainable_params",
           "total_params", "step_flops", "achieved_flops_per_s")
 
 
