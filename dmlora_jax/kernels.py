@@ -162,7 +162,7 @@ def _tpu_auto(q, k, v):
 ATTENTION_IMPLS: dict[str, tuple[Callable, tuple[str, ...] | None]] = {
     "cpu_kernel": (attention, None),  # the custom-VJP kernel above (plain jnp: runs anywhere)
     "xla": (_xla_attention, None),
-    "dot_product_attention": (_dot_product_attention, None),  # JAX picks; XLA where no cuDNN
+    "dot_product_attention": (_dot_product_attention, None),  # JAX picks (XLA in jax 0.10.2)
     "cudnn": (lambda q, k, v: _dot_product_attention(q, k, v, "cudnn"), ("gpu",)),
     "pallas_tpu_flash": (_pallas_tpu_flash, ("tpu",)),
 }
