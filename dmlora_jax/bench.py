@@ -18,6 +18,11 @@ peak RSS of a fresh process per row (compile + one train and one eval step); wit
   of the lowered and compiled eval programs of both (equal = the same compiled program).
 - --k_sweep 1,2,4,8 adds `dmlora_k{K}` rows; --switches remat,bf16 adds `full_*`/`dmlora_*`
   rows with config.model.remat / config.model.dtype=bfloat16.
+- On an accelerator (benchmarks/accelerator.sh): --per_device_batch sets the batch from the
+  device count, each row reports its achieved FLOP/s as a fraction of the chip's peak
+  (PEAK_FLOPS by `device_kind`, or --peak_flops), dmlora rows compare the merged model's
+  logits with the unmerged adapter's, --markdown writes the table, and --combine joins the
+  JSONs of several runs (one method per process: a device's peak memory is per process).
 XLA flags, if any, come from the XLA_FLAGS environment variable and are recorded.
 """
 
@@ -39,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmlora_jax import config_base, hostmem, merge, methods, pytrees, setup, steps
+from dmlora_jax.data import normalize
 
 
 
@@ -57,6 +63,7 @@ def _config(a: argparse.Namespace, method: str, num_branches: int, rank: int, dt
   c.dmlora.targets = tuple(a.targets.split(","))
   c.dmlora.drop_schedule, c.dmlora.drop_end = "constant", 0.25  # the cost of a step does not depend on p
   c.model.init_checkpoint = ""
+  c.model.attention = a.attention
   return c
 
 
@@ -79,6 +86,21 @@ def _flops(compiled) -> float:
 
 def _fingerprint(text: str) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Peak dense bf16 FLOP/s per chip, by a lower-case piece of jax's `device_kind` (first match
+# wins: the more specific names come first). From the vendors' data sheets (dense, no sparsity).
+PEAK_FLOPS = (
+    ("h200", 989e12), ("h100", 989e12), ("a100", 312e12),
+    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12), ("tpu v5 lite", 197e12), ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12), ("tpu v5", 459e12), ("tpu v4", 275e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The chip's peak bf16 FLOP/s from PEAK_FLOPS, or None (CPUs and chips not in the table)."""
+  kind = device_kind.lower()
+  return next((f for name, f in PEAK_FLOPS if name in kind), None)
 
 
 def peak_memory() -> tuple[int, str]:
@@ -147,9 +169,12 @@ class Row:
     self.train_c = train.lower(self.state, self.batch, self.base_key).compile()
     self.compile_s = time.perf_counter() - t0
     self.step_flops = _flops(self.train_c) * n_dev  # cost analysis is of the per-device program
+    t0 = time.perf_counter()
     self.eval_c = steps.pmap_eval_step(steps.make_eval_step(model, "imagenet")).lower(
         self.state, self.eval_batch).compile()
+    self.eval_compile_s = time.perf_counter() - t0
     self.i, self.train_times, self.eval_times, self.train_faults = 0, [], [], []
+    self.model, self.images = model, images
 
   def train_step(self) -> tuple[float, int]:
     """One train step: (wall seconds, minor page faults of the whole process meanwhile)."""
@@ -173,15 +198,21 @@ class Row:
     out = {
         "method": self.method, "num_branches": ad.num_branches if ad else 0, "rank": ad.rank if ad else 0,
         "dtype": self.config.model.dtype, "remat": bool(self.config.model.remat),
+        "attention": self.config.model.attention,
         "train_images_per_s": a.batch_size / step_s, "train_step_s": step_s, "train_step_times_s": self.train_times,
         "train_step_minor_faults": self.train_faults,
         "eval_images_per_s": a.batch_size / eval_s, "eval_step_s": eval_s, "compile_s": self.compile_s,
+        "eval_compile_s": self.eval_compile_s,
         "trainable_params": self.counts[0], "total_params": self.counts[1],
         "step_flops": self.step_flops, "achieved_flops_per_s": self.step_flops / step_s,
         "eval_flops": _flops(self.eval_c) * self.n_dev,
     }
+    peak = a.peak_flops or peak_flops(jax.local_devices()[0].device_kind)
+    out["chip_peak_flops_per_s"] = peak
+    out["fraction_of_peak"] = None if not peak else out["achieved_flops_per_s"] / (peak * self.n_dev)
     if self.method == "dmlora":
       out.update(_merged_vs_plain(a, self.config, self.state, self.eval_batch, self.eval_c))
+      out.update(_merged_logits(self.model, self.config, self.state, self.images[:a.logits_images]))
     return out
 
 
@@ -248,6 +279,20 @@ def _merged_vs_plain(a, c, state_dev, eval_batch, adapter_eval_c) -> dict:
   }
 
 
+def _merged_logits(model, c, state_dev, images) -> dict:
+  """The trained adapter's logits (all branches, eval) against the merged params' logits on
+  the plain ViT, on the first images of the batch: the merge is exact up to rounding in the
+  compute dtype (the B matrices are no longer zero after the timed steps)."""
+  host = steps.unreplicate(state_dev.replace(opt_state=None))
+  params = pytrees.join(host.frozen, host.trainable)
+  x = normalize(jnp.asarray(images), "imagenet")
+  plain = setup.build_model(c, model.cfg.num_classes)
+  adapter = np.asarray(jax.jit(model.apply)({"params": params}, x), np.float64)
+  merged = np.asarray(jax.jit(plain.apply)({"params": merge.merge_params(params)}, x), np.float64)
+  return {"merged_logits_max_abs_diff": float(np.max(np.abs(adapter - merged))),
+          "logits_max_abs": float(np.max(np.abs(adapter))), "logits_images": int(len(images))}
+
+
 # ---- the run ----
 
 def _runs(a) -> list[tuple]:
@@ -273,6 +318,8 @@ def _runs(a) -> list[tuple]:
       raise ValueError(f"--switches: unknown switch {sw!r}; choose from remat, bf16")
     for name, method, kk, rr in [x for x in rows if x[0] in ("full", "dmlora")]:
       rows.append((f"{name}_{sw}", method, kk, rr, "bfloat16" if sw == "bf16" else "", 1 if sw == "remat" else -1))
+  if a.attention != "auto":  # e.g. dmlora_cudnn: a row beside the default's in a combined table
+    rows = [(f"{x[0]}_{a.attention}", *x[1:]) for x in rows]
   return rows
 
 
@@ -307,7 +354,7 @@ def hardware() -> dict:
   except (OSError, StopIteration):
     pass
   return {"cpu_model": model, "cpu_count": os.cpu_count(), "devices": [str(d) for d in jax.local_devices()],
-          "backend": jax.default_backend(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "device_kind": jax.local_devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "host_malloc": hostmem.status(),
           "load_average_1_5_15": list(os.getloadavg())}
 
@@ -315,14 +362,23 @@ def hardware() -> dict:
 def table(res: dict) -> str:
   ceil = res["matmul"]["flops_per_s"]
   lines = ["| row | K | rank | dtype | remat | trainable | total | train img/s | step s | eval img/s | compile s | "
-           "step GFLOP | GFLOP/s | % matmul | peak MiB |", "|" + " --- |" * 15]
+           "step GFLOP | GFLOP/s | % matmul | % chip peak | peak MiB |", "|" + " --- |" * 16]
   for name, m in res["methods"].items():
+    frac = m.get("fraction_of_peak")
     lines.append(f"| {name} | {m['num_branches']} | {m['rank']} | {m['dtype']} | {int(m['remat'])} | {m['trainable_params']:,} | {m['total_params']:,} | "
                  f"{m['train_images_per_s']:.2f} | {m['train_step_s']:.3f} | {m['eval_images_per_s']:.2f} | "
                  f"{m['compile_s']:.1f} | {m['step_flops'] / 1e9:.1f} | {m['achieved_flops_per_s'] / 1e9:.1f} | "
-                 f"{100 * m['achieved_flops_per_s'] / ceil:.0f}% | {m['peak_memory_bytes'] / 2**20:.0f} |")
+                 f"{100 * m['achieved_flops_per_s'] / ceil:.0f}% | {'-' if frac is None else f'{100 * frac:.1f}%'} | "
+                 f"{m['peak_memory_bytes'] / 2**20:.0f} |")
   mm = res["matmul"]
-  lines.append(f"\nf32 matmul {mm['n']}^3: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s (median {mm['median_s'] * 1e3:.1f} ms)")
+  hw = res["hardware"]
+  lines.append(f"\n{hw.get('device_kind', '?')} x {len(hw['devices'])} ({hw['backend']}); % chip peak: achieved FLOP/s "
+               "(XLA's count of the compiled step) over the chip's peak dense bf16 FLOP/s (bench.PEAK_FLOPS)")
+  lines.append(f"f32 matmul {mm['n']}^3: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s (median {mm['median_s'] * 1e3:.1f} ms)")
+  for name, m in res["methods"].items():
+    if "merged_logits_max_abs_diff" in m:
+      lines.append(f"{name}: merged vs unmerged logits on {m['logits_images']} images: max |diff| "
+                   f"{m['merged_logits_max_abs_diff']:.3g} (max |logit| {m['logits_max_abs']:.3g}, {m['dtype']})")
   if "dmlora" in res["methods"]:
     d = res["methods"]["dmlora"]
     lines.append(f"dmlora merged eval {d['merged_eval_images_per_s']:.2f} img/s, plain ViT eval "
@@ -358,6 +414,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--matmul_size", type=int, default=2048)
   ap.add_argument("--in_process", type=int, default=0,
                   help="1: no fresh process per row for peak memory (faster; peak memory is then cumulative)")
+  ap.add_argument("--attention", default="auto", choices=config_base.ATTENTION,
+                  help="config.model.attention; other than auto, the row names get _{attention}")
+  ap.add_argument("--per_device_batch", type=int, default=0,
+                  help="> 0: --batch_size is this times the number of local devices")
+  ap.add_argument("--peak_flops", type=float, default=0.0,
+                  help="the chip's peak FLOP/s; 0 = from PEAK_FLOPS by jax's device_kind (none on CPU)")
+  ap.add_argument("--logits_images", type=int, default=8, help="images of the merged-vs-unmerged logits check")
+  ap.add_argument("--combine", default="",
+                  help="comma-separated bench JSONs to join into one (--json, --markdown); measures nothing")
+  ap.add_argument("--markdown", default="", help="where the Markdown table goes")
   ap.add_argument("--json", default="", help="where the results go")
   ap.add_argument("--_child", default="", help=argparse.SUPPRESS)
   ap.add_argument("--_child_out", default="", help=argparse.SUPPRESS)
@@ -366,8 +432,41 @@ def parse_args(argv=None) -> argparse.Namespace:
   return a
 
 
+def combine(paths: list[str]) -> dict:
+  """Several bench JSONs (e.g. one method per process) as one: their rows side by side, the
+  first one's hardware and matmul ceiling, each run's command and settings under `runs`."""
+  out = None
+  for path in paths:
+    with open(path) as f:
+      r = json.load(f)
+    if out is None:
+      out = dict(r, methods={}, runs=[])
+    clash = set(out["methods"]) & set(r["methods"])
+    if clash:
+      raise ValueError(f"--combine: rows {sorted(clash)} are in more than one file ({path})")
+    out["methods"].update(r["methods"])
+    out["runs"].append({"file": path, "command": r["command"], "settings": r["settings"]})
+  return out
+
+
+def _write(a, res: dict) -> None:
+  text = table(res)
+  print(text)
+  for path, body in ((a.json, lambda f: json.dump(res, f, indent=1)), (a.markdown, lambda f: f.write(text + "\n"))):
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      with open(path, "w") as f:
+        body(f)
+
+
 def main(argv=None) -> dict | None:
   a = parse_args(argv)
+  if a.combine:
+    res = combine([p for p in a.combine.split(",") if p])
+    _write(a, res)
+    return res
+  if a.per_device_batch > 0:
+    a.batch_size = a.per_device_batch * jax.local_device_count()
   if a._child:
     _child_main(a)
     return None
@@ -394,12 +493,7 @@ def main(argv=None) -> dict | None:
   for name, first in same.items():
     res["methods"][name] = dict(res["methods"][first], same_as=first)
   res["hardware"]["load_average_end"] = list(os.getloadavg())
-  text = table(res)
-  print(text)
-  if a.json:
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-      json.dump(res, f, indent=1)
+  _write(a, res)
   return res
 
 

@@ -16,6 +16,9 @@ import ml_collections
 
 # The projections a DMLoRA branch set can sit beside, by their checkpoint names.
 ALL_TARGETS = ("query", "key", "value", "out", "Dense_0", "Dense_1")
+# config.model.attention (kernels.ATTENTION, kept here so that validating a config needs no
+# JAX backend: the sweep validates in a parent process that must not take the accelerator).
+ATTENTION = ("auto", "cpu_kernel", "xla", "dot_product_attention", "cudnn", "pallas_tpu_flash")
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -26,6 +29,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.log_every = 10
+  # How the step runs over the devices (steps.Pmap / steps.Jit): pmap over the local devices,
+  # or jit with a data-parallel NamedSharding over all devices of all processes.
+  c.parallel = "pmap"
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/16"  # NAME/PATCH (tiny, mini, Ti, S, M, B, L, H) | auto: the model init_checkpoint holds
@@ -45,6 +51,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.pool = "token"  # token: class token | avg: mean patch token with fc_norm
   c.model.patch_bias = True  # patch-embedding bias (CLIP: False)
   c.model.layer_norm_eps = 1e-6  # OpenAI CLIP: 1e-5
+  # kernels.ATTENTION: auto (per backend) | cpu_kernel | xla | dot_product_attention | cudnn |
+  # pallas_tpu_flash. Checked against the backend when the model is built (setup.build_model).
+  c.model.attention = "auto"
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "vtab1k_folder"  # vtab1k_folder | fgvc_json | tfds | demo
@@ -210,13 +219,24 @@ STAGE1_IRRELEVANT = ("data.root", "data.tfds_data_dir", "data.num_workers", "log
                      "keep_checkpoints", "model.init_checkpoint")
 
 
+# Keys added after checkpoints first recorded fingerprints, with their defaults: left out of
+# the hash while at the default, so that a run written before they existed still matches
+# (its stage 1 was computed exactly so). Another value changes the numerics (within float
+# rounding) and so the fingerprint.
+LATER_KEYS = {"model.attention": "auto", "parallel": "pmap", "model.num_heads": 0, "model.layer_scale": False,
+              "model.num_registers": 0, "model.no_embed_class": False, "model.pre_norm": False,
+              "model.activation": "gelu", "model.pool": "token", "model.patch_bias": True, "model.layer_norm_eps": 1e-6,
+              "dora.rank": 8, "dora.alpha": 8.0, "dora.targets": ["query", "key", "value"], "dora.init": "kaiming_uniform"}
+
+
 def stage1_fingerprint(config) -> str:
   """A hash of every config value that stage 1 depends on: everything but stage2.* and
   STAGE1_IRRELEVANT, with the method as the method whose stage 1 it shares (dmlora's is
   dropout's). Two runs with equal fingerprints train bit-identical stage 1s."""
   from dmlora_jax import methods
   flat = flatten(config)
-  used = {k: v for k, v in flat.items() if not k.startswith("stage2.") and k not in STAGE1_IRRELEVANT}
+  used = {k: v for k, v in flat.items() if not k.startswith("stage2.") and k not in STAGE1_IRRELEVANT
+          and not (k in LATER_KEYS and v == LATER_KEYS[k])}
   used["method"] = methods.get(config.method).stage1_key
   return hashlib.sha256(json.dumps(used, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -252,6 +272,7 @@ def validate(config) -> None:
       raise
     raise ConfigError(f"config.{e}") from None
   _one_of("model.dtype", c.model.dtype, ("float32", "bfloat16"))
+  _one_of("model.attention", c.model.attention, ATTENTION)
   _check(0.0 <= c.model.drop_path < 1.0, "model.drop_path", c.model.drop_path, "must be in [0, 1)")
   _one_of("model.activation", c.model.activation, vit.ACTIVATIONS)
   _one_of("model.pool", c.model.pool, vit.POOLS)
@@ -267,6 +288,7 @@ def validate(config) -> None:
          f"must be a positive multiple of the patch size {cfg.patch_size} of model.variant={c.model.variant}")
   _check(c.data.num_classes >= 0, "data.num_classes", c.data.num_classes, "must be >= 0 (0 = read from the task)")
   _check(c.batch_size > 0, "batch_size", c.batch_size, "must be > 0")
+  _one_of("parallel", c.parallel, ("pmap", "jit"))
   for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
     _check(c[key] >= 1, key, c[key], "must be >= 1")
   s1 = c.stage1

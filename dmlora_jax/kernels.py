@@ -11,14 +11,24 @@ backward pass or where work happens, which is what the CPU step time depends on
 - `fold_affine`: a LayerNorm's scale and bias folded into the projection that reads it
   (weight-sized work instead of activation-sized).
 On GPU and TPU, XLA's own fusions make these choices matter less; they stay correct there.
+
+Attention is the one kernel with a better implementation per backend, so the model asks
+`attention_fn(config.model.attention)` for it (see ATTENTION): `auto` is this CPU kernel on
+CPU, `jax.nn.dot_product_attention` on GPU (JAX's pick: XLA in jax 0.10.2; `cudnn` forces
+cuDNN's fused attention) and Pallas flash attention on TPU where the token count needs no
+padding. None of the GPU/TPU choices has been run on a GPU or TPU yet. Every choice is
+the same softmax(q k^T) v; tests/test_kernels.py checks each one that runs on CPU (Pallas in
+its interpreter) against NumPy, values and gradients.
 """
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from dmlora_jax import dmlora
+from dmlora_jax import config_base, dmlora
+from dmlora_jax.config_base import ConfigError
 
 
 @jax.custom_vjp
@@ -102,3 +112,76 @@ def fold_affine(proj, scale_bias, mask):
     bias = bias + dmlora.lora_delta(beta[None], a, b, s, mask_K=mask)[0]
     lora = (a * g[None, :, None], b, s)
   return kernel, bias, lora
+
+
+# ---- attention implementations: (N, T, Dh) x3 -> (N, T, Dh), q already scaled ----
+
+def _xla_attention(q, k, v):
+  """The textbook formula, JAX's own XLA path (autodiff gives the backward pass)."""
+  return _dot_product_attention(q, k, v, "xla")
+
+
+def _dot_product_attention(q, k, v, implementation=None):
+  """jax.nn.dot_product_attention on (N, T, 1, Dh): N = batch*heads as its batch, one head.
+  implementation=None lets JAX pick: in jax 0.10.2 that is still XLA (JAX's own TODO to select
+  cuDNN automatically); `cudnn` asks for cuDNN's fused attention (float16/bfloat16)."""
+  o = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], scale=1.0,
+                                   implementation=implementation)
+  return o[:, :, 0]
+
+
+FLASH_BLOCK = 128  # the Pallas TPU kernel's default block along the tokens
+
+
+def _pallas_tpu_flash(q, k, v):
+  """Pallas flash attention (jax.experimental.pallas.ops.tpu.flash_attention) on (N, 1, T, Dh).
+
+  The kernel tiles the tokens in blocks of FLASH_BLOCK: a token count that is not a multiple
+  (197 for ViT-B/16 at 224 px) is padded, and the padding is kept out of every real row's
+  softmax by segment ids (real tokens are segment 1, padding segment 0)."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa
+  n, t, _ = q.shape
+  pad = -t % FLASH_BLOCK
+  seg = None
+  if pad:
+    ids = jnp.broadcast_to((jnp.arange(t + pad) < t).astype(jnp.int32), (n, t + pad))
+    seg = fa.SegmentIds(q=ids, kv=ids)
+  q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0)))[:, None] for x in (q, k, v))
+  return fa.flash_attention(q, k, v, segment_ids=seg, sm_scale=1.0)[:, 0, :t]
+
+
+def _tpu_auto(q, k, v):
+  """TPU default: flash attention where the tokens fill its blocks exactly, else XLA (padding
+  197 tokens to 256 makes the attention products 1.7x larger; which is faster there is unmeasured)."""
+  if q.shape[1] % FLASH_BLOCK == 0:
+    return _pallas_tpu_flash(q, k, v)
+  return _xla_attention(q, k, v)
+
+
+# name -> (function, the backends it runs on; None = any)
+ATTENTION_IMPLS: dict[str, tuple[Callable, tuple[str, ...] | None]] = {
+    "cpu_kernel": (attention, None),  # the custom-VJP kernel above (plain jnp: runs anywhere)
+    "xla": (_xla_attention, None),
+    "dot_product_attention": (_dot_product_attention, None),  # JAX picks (XLA in jax 0.10.2)
+    "cudnn": (lambda q, k, v: _dot_product_attention(q, k, v, "cudnn"), ("gpu",)),
+    "pallas_tpu_flash": (_pallas_tpu_flash, ("tpu",)),
+}
+AUTO = {"cpu": "cpu_kernel", "gpu": "dot_product_attention", "tpu": "tpu_auto"}
+ATTENTION = ("auto",) + tuple(ATTENTION_IMPLS)
+assert ATTENTION == config_base.ATTENTION, (ATTENTION, config_base.ATTENTION)
+
+
+def attention_fn(name: str = "auto", backend: str | None = None) -> Callable:
+  """The attention function of config.model.attention on `backend` (default: JAX's default
+  backend). A name that cannot run there is a one-line ConfigError naming both."""
+  backend = backend or jax.default_backend()
+  if name not in ATTENTION:
+    raise ConfigError(f"config.model.attention={name!r} is not one of {', '.join(ATTENTION)}")
+  if name == "auto":
+    choice = AUTO.get(backend, "xla")
+    return _tpu_auto if choice == "tpu_auto" else ATTENTION_IMPLS[choice][0]
+  fn, backends = ATTENTION_IMPLS[name]
+  if backends is not None and backend not in backends:
+    raise ConfigError(f"config.model.attention={name!r} cannot run on the {backend} backend "
+                      f"(it runs on {', '.join(backends)}); use auto, cpu_kernel, xla or dot_product_attention")
+  return fn

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmlora_jax import checkpoint_source, config_base, data, dmlora, dora, methods, npz, optimizers, partition, pytrees, steps, vit
+from dmlora_jax import checkpoint_source, config_base, data, dmlora, dora, kernels, methods, npz, optimizers, partition, pytrees, steps, vit
 from dmlora_jax.progress import say
 
 
@@ -35,8 +35,10 @@ class Plan:
 
 
 def build_model(config, num_classes: int, adapter: dmlora.AdapterSpec | None = None) -> vit.ViT:
-  """The ViT of config.model; a plain one without `adapter`."""
+  """The ViT of config.model; a plain one without `adapter`. An attention implementation that
+  cannot run on this backend is a ConfigError here, before anything is compiled."""
   m = config.model
+  kernels.attention_fn(m.attention)
   return vit.ViT(vit_config(config, num_classes), adapter)
 
 
@@ -46,7 +48,7 @@ def vit_config(config, num_classes: int) -> vit.ViTConfig:
   the config filling in only what the file cannot say."""
   m = config.model
   common = dict(representation_size=m.representation_size, gelu_approximate=m.gelu_approximate, dtype=m.dtype,
-                remat=m.remat, drop_path=m.drop_path, **{f: m[f] for f in FAMILY_FIELDS})
+                remat=m.remat, drop_path=m.drop_path, attention=m.attention, **{f: m[f] for f in FAMILY_FIELDS})
   if m.variant != "auto":
     return vit.parse_variant(m.variant, num_classes, **common)
   if not m.init_checkpoint:

@@ -1,4 +1,5 @@
-"""The per-device train and eval steps, and their pmap / shard_map wrappers.
+"""The per-device train and eval steps, their pmap / shard_map wrappers, and the two ways a
+run lays them out over the devices (config.parallel: `Pmap`, `Jit`).
 
 The train step is a pure function `(state, batch, step_key) -> (state, metrics)`.
 - Branch masks come from `step_key` alone (the caller passes fold_in(base_key, step), the
@@ -153,6 +154,12 @@ def shard_map_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
   return jax.jit(f, donate_argnums=(0,))
 
 
+def shard_map_eval_step(eval_fn: Callable, mesh: Mesh) -> Callable:
+  """The eval step under jit + shard_map: state replicated, batch split along its first axis."""
+  f = jax.shard_map(eval_fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
+  return jax.jit(f)
+
+
 def local_sharding(devices=None) -> NamedSharding:
   """Splits a leading axis over the local devices, as pmap lays out its inputs."""
   return NamedSharding(Mesh(np.array(devices or jax.local_devices()), (AXIS,)), P(AXIS))
@@ -181,3 +188,103 @@ def unreplicate(tree: Any) -> Any:
 def shard_batch(batch: dict, num_devices: int) -> dict:
   """(local_batch, ...) -> (num_devices, local_batch // num_devices, ...)."""
   return {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in batch.items()}
+
+
+# ---- config.parallel: how a run places its state and batches, and runs the steps ----
+
+class Pmap:
+  """config.parallel=pmap (the default): the steps pmapped over the local devices; the state
+  and batches carry a leading local-device axis. With several processes, pmap takes host
+  arrays (replicated state, each process's own batch) and joins the processes itself."""
+  name = "pmap"
+
+  def __init__(self, devices=None):
+    self.devices = list(devices or jax.local_devices())
+    self.multi = jax.process_count() > 1
+    # Where a device-resident scalar every device reads (the step counter of the keys) lives.
+    self.replicated = None if self.multi else NamedSharding(Mesh(np.array(self.devices), (AXIS,)), P())
+
+  def train_step(self, step_fn: Callable) -> Callable:
+    return pmap_train_step(step_fn)
+
+  def eval_step(self, eval_fn: Callable) -> Callable:
+    return pmap_eval_step(eval_fn)
+
+  def put_state(self, tree: Any) -> Any:
+    return replicate(tree, self.devices)
+
+  def put_batch(self, batch: dict) -> dict:
+    """This process's batch (local_batch, ...) -> (local devices, local_batch / devices, ...)."""
+    b = shard_batch(batch, len(self.devices))
+    return b if self.multi else jax.device_put(b, local_sharding(self.devices))
+
+  def put_replicated(self, x):
+    return x if self.replicated is None else jax.device_put(x, self.replicated)
+
+  def get(self, tree: Any) -> Any:
+    """A replicated device tree -> host numpy (the first local device's copy)."""
+    return unreplicate(tree)
+
+  def first(self, x) -> np.ndarray:
+    return first_device(x)
+
+  def copies(self, x) -> list[np.ndarray]:
+    """Every local device's copy of a per-device output (tests compare them)."""
+    return list(np.asarray(x))
+
+
+class Jit:
+  """config.parallel=jit: the same per-device step under jax.jit (+ shard_map, which gives it
+  the named axis its pmean and device key use) with a data-parallel NamedSharding over all
+  devices of all processes: the batch is split along its leading axis, the state replicated.
+  Arrays have no device axis; several processes each contribute their own rows of the global
+  batch (jax.make_array_from_process_local_data)."""
+  name = "jit"
+
+  def __init__(self, devices=None):
+    self.devices = list(devices or jax.devices())
+    self.mesh = Mesh(np.array(self.devices), (AXIS,))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.split = NamedSharding(self.mesh, P(AXIS))
+
+  def train_step(self, step_fn: Callable) -> Callable:
+    return shard_map_train_step(step_fn, self.mesh)
+
+  def eval_step(self, eval_fn: Callable) -> Callable:
+    return shard_map_eval_step(eval_fn, self.mesh)
+
+  def put_state(self, tree: Any) -> Any:
+    return jax.tree.map(self.put_replicated, tree)
+
+  def put_batch(self, batch: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(self.split, np.asarray(v)) for k, v in batch.items()}
+
+  def put_replicated(self, x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
+
+  def get(self, tree: Any) -> Any:
+    return jax.tree.map(self.first, tree)
+
+  def first(self, x) -> np.ndarray:
+    return np.asarray(x.addressable_data(0))
+
+  def copies(self, x) -> list[np.ndarray]:
+    return [np.asarray(s.data) for s in x.addressable_shards]
+
+
+PARALLEL = {"pmap": Pmap, "jit": Jit}
+
+
+def parallel(name: str = "pmap", devices=None) -> Pmap | Jit:
+  """The layout of config.parallel; `devices` defaults to the local devices (pmap) or all
+  devices of all processes (jit)."""
+  return PARALLEL[name](devices)
+
+
+def key_maker(seed: int) -> Callable:
+  """Compiled counter -> (fold_in(key(seed), counter), counter + 1): each step's key made on
+  the devices from a device-resident counter, so that the loop sends nothing to the devices
+  per step (a Python step number would be a host-to-device copy every step). The keys are
+  bit-identical to fold_in(jax.random.key(seed), step) made on the host."""
+  return jax.jit(lambda counter: (jax.random.fold_in(jax.random.key(seed), counter), counter + 1))

@@ -121,7 +121,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   if state_dev is None:
     trainer.close()
     return None
-  acc = Evaluator(s.model, config.data.normalization, config.batch_size, trainer.devices)(state_dev, task.evals)
+  acc = Evaluator(s.model, config.data.normalization, config.batch_size, trainer.devices,
+                  config.parallel)(state_dev, task.evals)
   params = trainer.final_params(state_dev)
   export = export_merged(params, workdir)
   scales = learned_scales(params)
@@ -172,7 +173,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   """--mode=eval: merges the newest checkpoint and evaluates it with the plain ViT."""
   config, task, params = _restored_params(config, workdir, need_eval=True)
   plain = setup.build_model(config, task.num_classes)
-  evaluator = Evaluator(plain, config.data.normalization, config.batch_size)
+  evaluator = Evaluator(plain, config.data.normalization, config.batch_size, parallel=config.parallel)
   acc = evaluator(evaluator.replicate_params(merge.merge_params(params)), task.evals)
   for k, v in acc.items():
     say(f"{k} top-1: {100 * v:.2f}%")

@@ -3,6 +3,14 @@ preemption, and stage 2 started from another run's stage 1.
 
 Resume is exact: the data order is a pure function of (seed, epoch) and each step's key is
 fold_in(base_key, step), so a run stopped anywhere and started again computes the same steps.
+
+The step never waits on the host: batches are copied to the devices ahead of the step that
+reads them (data.prefetch), the train state is donated, the step keys are made on the
+devices (steps.key_maker), and metrics come back only every config.log_every steps. The
+places that do copy between host and devices (restore and the first placement, logging,
+checkpoints, the stage-2 switch) say so with jax.transfer_guard("allow"): train() called
+under jax.transfer_guard("disallow") fails at any other copy (tests/test_multidevice.py). The
+guard is per thread: data.prefetch's thread places the batches (explicit copies) unguarded.
 """
 
 import os
@@ -82,6 +90,7 @@ class Trainer:
     self.s, self.task, self.workdir = s, task, workdir
     self.config = s.config
     self.devices = jax.local_devices()
+    self.par = steps.parallel(self.config.parallel)  # config.parallel: pmap or jit
     check_batch(self.config.batch_size, len(self.devices))
     self.plan = s.plan(task.train.num_examples_global)
     self.checkpointer = Checkpointer(workdir, self.config.keep_checkpoints)
@@ -89,15 +98,19 @@ class Trainer:
     self._compiled = {}
 
   def train_step(self, stage: int):
-    """(pmapped step, optimizer, lr schedule) of a stage, compiled once."""
+    """(the step of config.parallel, optimizer, lr schedule) of a stage, compiled once."""
     if stage not in self._compiled:
       tx, lr = self.s.optimizer(stage, self.plan)
       fn = steps.make_train_step(self.s.model, tx, self.s.step_config(stage, self.plan))
-      self._compiled[stage] = (steps.pmap_train_step(fn), tx, lr)
+      self._compiled[stage] = (self.par.train_step(fn), tx, lr)
     return self._compiled[stage]
 
   def save(self, state_dev, stage: int) -> int:
-    host = steps.unreplicate(state_dev.replace(frozen=None))
+    with jax.transfer_guard("allow"):  # a checkpoint point
+      return self._save(state_dev, stage)
+
+  def _save(self, state_dev, stage: int) -> int:
+    host = self.par.get(state_dev.replace(frozen=None))
     step = int(host.step)
     self.checkpointer.save(step, {"trainable": host.trainable, "opt_state": host.opt_state},
                            checkpoint_meta(self.s, self.plan, step, stage))
@@ -153,21 +166,20 @@ class Trainer:
     return got
 
   def batches(self, epoch: int, skip: int):
-    """One epoch's batches from `skip` on, with a leading local-device axis. Run inside
-    data.prefetch, the host-to-device copy overlaps the running step (single process;
-    a multi-process pmap takes host arrays)."""
+    """One epoch's batches from `skip` on, placed as config.parallel's step reads them. Run
+    inside data.prefetch, the host-to-device copy overlaps the running step (except in a
+    multi-process pmap, which takes host arrays)."""
     it = data.train_batches(self.task.train, self.config.batch_size, self.config.seed, epoch,
                             jax.process_index(), jax.process_count())
-    sharding = steps.local_sharding(self.devices) if jax.process_count() == 1 else None
     for i, b in enumerate(it):
       if i >= skip:
-        b = steps.shard_batch(b, len(self.devices))
-        yield b if sharding is None else jax.device_put(b, sharding)
+        yield self.par.put_batch(b)
 
   def _start_stage2(self, state_dev, step: int):
     c = self.config
-    trainable = steps.unreplicate(state_dev.trainable)
-    state_dev = steps.replicate(self.s.host_state(2, self.plan, trainable, step), self.devices)
+    with jax.transfer_guard("allow"):  # a checkpoint point: the stage-2 state is built on the host
+      trainable = self.par.get(state_dev.trainable)
+      state_dev = self.par.put_state(self.s.host_state(2, self.plan, trainable, step))
     self.save(state_dev, 2)
     n_mod = len(merge.adapted_modules(self.s.params))
     n_free = n_mod if c.stage2.granularity == "module" else self.s.model.cfg.depth
@@ -178,13 +190,16 @@ class Trainer:
   def train(self):
     """Runs (or resumes) both stages; returns the final device state, or None if stopped early."""
     c, plan = self.config, self.plan
-    restored = self.restore()
-    if restored is None:
-      state, stage = self.s.host_state(1, plan), 1
-    else:
-      state, stage = restored
-    step = int(state.step)
-    state_dev = steps.replicate(state, self.devices)
+    with jax.transfer_guard("allow"):  # restore and the first placement on the devices
+      restored = self.restore()
+      if restored is None:
+        state, stage = self.s.host_state(1, plan), 1
+      else:
+        state, stage = restored
+      step = int(state.step)
+      state_dev = self.par.put_state(state)
+      counter = self.par.put_replicated(np.int32(step))  # the step number, on the devices
+    next_key = steps.key_maker(c.seed)
     stop = _Stop()
     # Several processes agree on preemption through orbax's sync point (JAX's preemption
     # notifier catches SIGTERM); one process alone uses its own handler.
@@ -202,13 +217,14 @@ class Trainer:
         stage_end = plan.stage1_steps if stage == 1 else plan.total
         epoch, skip = divmod(step, plan.steps_per_epoch)
         for batch in data.prefetch(self.batches(epoch, skip)):
-          key = jax.random.fold_in(self.base_key, step)
+          key, counter = next_key(counter)  # fold_in(base_key, step), made on the devices
           state_dev, metrics = step_fn(state_dev, batch, key)
           step += 1
           if step % c.log_every == 0 or step == stage_end:
-            m = {k: float(steps.first_device(v)) for k, v in metrics.items() if k != "masks"}
-            stage_step = step - (0 if stage == 1 else plan.stage1_steps)
-            m["lr"] = float(lr_fn(stage_step - 1))
+            with jax.transfer_guard("allow"):  # the logging point: the step's metrics to the host
+              m = {k: float(self.par.first(v)) for k, v in metrics.items() if k != "masks"}
+              stage_step = step - (0 if stage == 1 else plan.stage1_steps)
+              m["lr"] = float(lr_fn(stage_step - 1))
             m["images_per_s"] = progress.update(step, stage, m)
             writer.write(step, stage, m)
           if stop.requested or self.checkpointer.reached_preemption(step):
@@ -228,7 +244,7 @@ class Trainer:
       writer.close()
 
   def final_params(self, state_dev) -> dict:
-    host = steps.unreplicate(state_dev.replace(frozen=None))
+    host = self.par.get(state_dev.replace(frozen=None))
     return pytrees.join(self.s.frozen, host.trainable)
 
   def close(self) -> None:

@@ -78,6 +78,7 @@ class ViTConfig:
   pool: str = "token"  # token: class token | avg: mean patch token, then fc_norm | map: attention pooling (MAPHead)
   patch_bias: bool = True  # the patch embedding's bias (CLIP has none)
   layer_norm_eps: float = LN_EPS  # 1e-6 (ViT, DINOv2); OpenAI CLIP uses 1e-5
+  attention: str = "auto"  # kernels.ATTENTION: which attention implementation (per backend)
 
   def __post_init__(self):
     if not 0.0 <= self.drop_path < 1.0:
@@ -309,7 +310,7 @@ class MultiHeadDotProductAttention(nn.Module):
     # Scaling q (B*H*T*Dh values, fused into the head transpose) instead of the logits
     # (B*H*T*T values, a separate pass on CPU) saves one pass over the largest tensor.
     q = q * jnp.asarray(1.0 / math.sqrt(dh), dt)
-    o = kernels.attention(q, k, v)
+    o = kernels.attention_fn(c.attention)(q, k, v)
     o = o.reshape(b, h, t, dh).transpose(0, 2, 1, 3).reshape(b, t, h * dh)
     return _dense(o, projs["out"], mask["out"], dt)
 

@@ -1,5 +1,6 @@
 """Run with 4 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=4) by
-test_multidevice.py: prints a JSON report of masks per device and pmap vs shard_map."""
+test_multidevice.py: prints a JSON report of masks per device, pmap vs shard_map, and
+config.parallel=pmap vs =jit (parallel_steps.py)."""
 
 import json
 import sys
@@ -11,6 +12,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dmlora_jax import steps
+from parallel_steps import parallel_report
 from trainer_utils import make_trainer, tiny_config
 
 assert jax.local_device_count() == 4, jax.devices()
@@ -62,6 +64,9 @@ run2 = make_trainer(c2, tempfile.mkdtemp())
 st2, m3 = run2.train_step(1)[0](steps.replicate(run2.s.host_state(1, run2.plan), run2.devices), next(run2.batches(0, 0)),
                                jax.random.key(0))
 
+# config.parallel=pmap vs =jit, each trained under jax.transfer_guard("disallow") (parallel_steps.py).
+parallel = parallel_report(run.s, run.task)
+
 diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(pmapped), jax.tree.leaves(sharded))]
 moved = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(pmapped), jax.tree.leaves(trainable))]
 json.dump({
@@ -76,4 +81,5 @@ json.dump({
     "device_keys_distinct": len({tuple(k) for k in keys}) == 4,
     "drop_path_loss": float(np.asarray(m3["loss"])[0]),
     "loss_pmap": float(np.asarray(m1["loss"])[0]), "loss_shard_map": float(np.asarray(m2["loss"])),
+    "parallel": parallel,
 }, sys.stdout)

@@ -31,6 +31,8 @@ MISTAKES = [
     ({"dmlora.split_rank": True, "dmlora.rank": 6}, "rank 6 is not divisible by num_branches 4"),
     ({"model.variant": "X/16"}, "config.model.variant 'X/16' is not NAME/PATCH"),
     ({"model.dtype": "float16"}, "config.model.dtype='float16' is not one of float32, bfloat16"),
+    ({"model.attention": "flash"}, "config.model.attention='flash' is not one of auto, cpu_kernel, xla, "
+                                   "dot_product_attention, cudnn, pallas_tpu_flash"),
     ({"data.normalization": "clip"}, "config.data.normalization='clip' is not one of imagenet, inception"),
     ({"data.source": "folder"}, "config.data.source='folder' is not one of vtab1k_folder, fgvc_json, tfds, demo"),
     ({"data.protocol": "best"}, "config.data.protocol='best' is not one of final, tune"),
@@ -42,6 +44,7 @@ MISTAKES = [
     ({"stage2.lr": 0.0}, "config.stage2.lr=0.0: must be > 0 (or stage2.epochs=0 to skip 2S-LS)"),
     ({"stage2.granularity": "layer"}, "config.stage2.granularity='layer' is not one of module, block"),
     ({"batch_size": 0}, "config.batch_size=0: must be > 0"),
+    ({"parallel": "pjit"}, "config.parallel='pjit' is not one of pmap, jit"),
 ]
 
 

@@ -1,10 +1,14 @@
-"""The CPU kernels of kernels.py against the plain formulas: values and gradients."""
+"""The CPU kernels of kernels.py against the plain formulas: values and gradients. Also every
+attention implementation of config.model.attention that runs on CPU against NumPy, and the
+one-line refusal of those that cannot."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dmlora_jax import dmlora, kernels
+from dmlora_jax.config_base import ConfigError
 
 
 def test_gelu_tanh_custom_vjp_matches_autodiff_of_the_formula():
@@ -66,3 +70,53 @@ def test_folded_layernorm_affine_matches_applying_it_values_and_gradients():
   # Without an affine the projection is returned as it is.
   proj = (args[2], args[3], None)
   assert kernels.fold_affine(proj, None, None) is proj
+
+
+def _numpy_attention_and_vjp(q, k, v, g):
+  """softmax(q k^T) v and the gradients of sum(g * it) w.r.t. q, k, v, in float64 NumPy."""
+  q, k, v, g = (np.asarray(x, np.float64) for x in (q, k, v, g))
+  s = q @ k.transpose(0, 2, 1)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  dp = g @ v.transpose(0, 2, 1)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  return p @ v, (ds @ k, ds.transpose(0, 2, 1) @ q, p.transpose(0, 2, 1) @ g)
+
+
+def _check_attention(fn, n=3, t=17, d=8):
+  kq, kk, kv, kg = jax.random.split(jax.random.key(1), 4)
+  q, k, v = (3.0 * jax.random.normal(key, (n, t, d)) for key in (kq, kk, kv))
+  g = jax.random.normal(kg, (n, t, d))
+  want, grads = _numpy_attention_and_vjp(q, k, v, g)
+  out, vjp = jax.vjp(fn, q, k, v)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  for name, a, b in zip("qkv", vjp(g), grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu_kernel", "xla", "dot_product_attention"])
+def test_each_attention_that_runs_on_cpu_matches_numpy_values_and_gradients(name):
+  _check_attention(kernels.attention_fn(name, "cpu"))
+
+
+def test_pallas_tpu_flash_attention_in_the_interpreter_matches_numpy_with_padded_tokens():
+  # 17 tokens are padded to one block of 128; segment ids keep the padding out of the softmax.
+  from jax.experimental.pallas import tpu as pltpu
+  with pltpu.force_tpu_interpret_mode():
+    _check_attention(kernels.attention_fn("pallas_tpu_flash", "tpu"), n=1)
+
+
+def test_auto_attention_picks_per_backend():
+  assert kernels.attention_fn("auto", "cpu") is kernels.attention
+  assert kernels.attention_fn("auto", "gpu") is kernels._dot_product_attention
+  assert kernels.attention_fn("auto", "tpu") is kernels._tpu_auto
+  assert kernels.attention_fn("auto") is kernels.attention  # the tests run on CPU
+
+
+@pytest.mark.parametrize("name,backend", [("cudnn", "cpu"), ("pallas_tpu_flash", "cpu"), ("pallas_tpu_flash", "gpu"),
+                                          ("cudnn", "tpu")])
+def test_attention_that_cannot_run_on_the_backend_is_one_line_naming_both(name, backend):
+  with pytest.raises(ConfigError) as e:
+    kernels.attention_fn(name, backend)
+  msg = str(e.value)
+  assert f"config.model.attention={name!r} cannot run on the {backend} backend" in msg and "\n" not in msg

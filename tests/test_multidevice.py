@@ -1,5 +1,7 @@
 """Data parallelism over 4 simulated CPU devices (a subprocess: the device count is fixed
-when JAX starts)."""
+when JAX starts), config.parallel=pmap and =jit among it: the same training, the same masks on
+every device, and a step that never copies between host and devices outside the trainer's
+logging and checkpoint points."""
 
 import json
 import os
@@ -48,3 +50,30 @@ def test_pmap_and_shard_map_give_the_same_step(report):
 def test_per_device_randomness_folds_in_the_device_index(report):
   assert report["device_keys_distinct"]  # drop-path keys differ by device, branch masks do not
   assert np.isfinite(report["drop_path_loss"])
+
+
+# ---- config.parallel (parallel_steps.py) ----
+
+@pytest.mark.parametrize("parallel", ["pmap", "jit"])
+def test_training_runs_under_transfer_guard_disallow(report, parallel):
+  # A host sync or an implicit copy anywhere but restore / logging / checkpoints fails the run.
+  assert report["parallel"][parallel]["guarded_run"] == "ok"
+  assert report["parallel"][parallel]["steps"] == 5
+
+
+@pytest.mark.parametrize("parallel", ["pmap", "jit"])
+def test_branch_masks_are_identical_on_every_device(report, parallel):
+  r = report["parallel"][parallel]
+  assert r["mask_copies"] == 4
+  assert r["masks_equal_across_devices"] == [True, True]
+  assert r["masks_differ_across_steps"]
+
+
+def test_pmap_and_jit_give_the_same_masks_and_merged_export(report):
+  assert report["parallel"]["pmap"]["masks"] == report["parallel"]["jit"]["masks"]
+  assert report["parallel"]["same_keys"]
+  assert report["parallel"]["max_abs_diff_export"] < 1e-6
+  # Each mode's own evaluator over all 797 test images (a near-tie may flip one prediction).
+  assert set(report["parallel"]["jit"]["accuracy"]) == set(report["parallel"]["pmap"]["accuracy"]) == {"test"}
+  assert abs(report["parallel"]["pmap"]["accuracy"]["test"] - report["parallel"]["jit"]["accuracy"]["test"]) <= 2e-3
+

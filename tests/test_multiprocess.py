@@ -1,5 +1,9 @@
 """Two processes x 2 CPU devices joined by jax.distributed over loopback (gloo) against one
-process x 4 devices; and a SIGTERM to one process of a two-process run."""
+process x 4 devices; and a SIGTERM to one process of a two-process run.
+
+config.parallel=jit with two processes costs another pair run (64 s on the loaded 2-core VM,
+past this suite's budget): it runs only with DMLORA_JAX_SLOW_TESTS=1. Measured 2026-12-06: its
+merged export is within 3e-8 of the one-process pmap run's, the same test accuracy."""
 
 import json
 import os
@@ -56,9 +60,14 @@ def single_process_4_devices(tmp_path_factory):
   return wd
 
 
-def test_two_processes_give_the_same_merged_export_as_one(single_process_4_devices, tmp_path):
+SLOW = os.environ.get("DMLORA_JAX_SLOW_TESTS") == "1"
+
+
+@pytest.mark.parametrize("parallel", [
+    "pmap", pytest.param("jit", marks=pytest.mark.skipif(not SLOW, reason="DMLORA_JAX_SLOW_TESTS=1 runs it"))])
+def test_two_processes_give_the_same_merged_export_as_one(single_process_4_devices, tmp_path, parallel):
   wd = str(tmp_path / "two_processes")
-  codes, outs = _wait(_start_pair(wd))
+  codes, outs = _wait(_start_pair(wd, extra=[f"--config.parallel={parallel}"]))
   assert codes == [0, 0], [o[1][-2000:] for o in outs]
   assert "2 process(es) x 2" in outs[0][0]
   assert "top-1 test" in outs[0][0] and "top-1 test" not in outs[1][0]  # only process 0 reports

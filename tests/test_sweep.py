@@ -216,8 +216,13 @@ def test_results_from_another_configuration_are_stale():
   assert sweep.stale_keys(res, c) == []
   res["config"]["data.root"] = "/elsewhere"  # moving the data is not a different run
   assert sweep.stale_keys(res, c) == []
+  # A run finished before config.parallel and model.attention existed ran at their defaults.
+  del res["config"]["parallel"], res["config"]["model.attention"]
+  assert sweep.stale_keys(res, c) == []
   res["config"]["dmlora.rank"] = 4
   assert sweep.stale_keys(res, c) == ["dmlora.rank"]
+  c.parallel = "jit"
+  assert sweep.stale_keys(res, c) == ["dmlora.rank", "parallel"]
 
 
 def test_the_vtab1k_benchmark_is_the_19_tasks_of_the_registry():
