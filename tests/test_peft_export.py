@@ -2,7 +2,7 @@
 
 Checked two ways: against PEFT itself, through tests/fixtures/peft (written by
 `tools/timm_check.py write` + `check`: peft 0.21.2 loaded these adapters onto timm 1.0.31's ViT
-and gave peft_logits.npy), and against PEFT's LoRA maths written in NumPy here
+and gave peft_logits.npy; DoRA's as PEFT's use_dora), and against PEFT's LoRA maths written in NumPy here
 (W_torch + (lora_alpha / r) B A per target module, r and alpha from rank_pattern/alpha_pattern).
 """
 
@@ -23,12 +23,14 @@ from test_timm_format import timm_forward
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "peft")
 # the families of the fixture (tools/timm_check.py FAMILIES): ViTConfig fields
 FIXTURE_FAMILIES = {"plain": dict(gelu_approximate=False),
-                    "dinov2_reg": dict(gelu_approximate=False, layer_scale=True, num_registers=2, no_embed_class=True)}
+                    "dinov2_reg": dict(gelu_approximate=False, layer_scale=True, num_registers=2, no_embed_class=True),
+                    "dora": dict(gelu_approximate=False)}  # DoRA (one branch) on the plain family: PEFT's use_dora
 ALL = ("query", "key", "value", "out", "Dense_0", "Dense_1")
 
 
-def _model(family, targets=ALL, k=3, r=2):
-  return vit.ViT(vit.parse_variant("tiny/4", 10, **family), dmlora.AdapterSpec(num_branches=k, rank=r, targets=targets))
+def _model(family, targets=ALL, k=3, r=2, dora=False):
+  return vit.ViT(vit.parse_variant("tiny/4", 10, **family),
+                 dmlora.AdapterSpec(num_branches=1 if dora else k, rank=r, targets=targets, dora=dora))
 
 
 @pytest.mark.parametrize("tag", list(FIXTURE_FAMILIES))
@@ -37,7 +39,7 @@ def test_peft_on_timm_reproduces_the_adapted_logits(tag, tmp_path):
   params = unflatten(npz.load_npz(os.path.join(d, "params.npz")))
   x = np.load(os.path.join(FIXTURES, "x.npy"))
   peft_logits = np.load(os.path.join(d, "peft_logits.npy"))
-  ours = np.asarray(_model(FIXTURE_FAMILIES[tag]).apply({"params": params}, jnp.asarray(x)))
+  ours = np.asarray(_model(FIXTURE_FAMILIES[tag], dora=tag == "dora").apply({"params": params}, jnp.asarray(x)))
   np.testing.assert_allclose(ours, peft_logits, atol=1e-5, rtol=0)
   # the merged export (a plain ViT; merged.safetensors is its timm naming) gives them too
   plain = vit.ViT(vit.parse_variant("tiny/4", 10, **FIXTURE_FAMILIES[tag]))

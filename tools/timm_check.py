@@ -43,6 +43,7 @@ FAMILIES = {
              "pre_norm=True, act_layer=quick_gelu, norm_layer=nn.LayerNorm"),
     "gap": (dict(gelu_approximate=False, pool="avg"), "global_pool=avg"),
     "map": (dict(gelu_approximate=False, pool="map"), "global_pool=map"),
+    "dora": (dict(gelu_approximate=False), ""),  # DoRA on the plain family (PEFT use_dora)
 }
 
 
@@ -59,11 +60,12 @@ def write(out: str, families=tuple(FAMILIES)) -> None:
   for i, tag in enumerate(families):
     d = os.path.join(out, tag)
     os.makedirs(d, exist_ok=True)
-    model = vit.ViT(vit.parse_variant("tiny/4", 10, **FAMILIES[tag][0]),
-                    dmlora.AdapterSpec(num_branches=3, rank=2, targets=ALL_TARGETS))
+    spec = (dmlora.AdapterSpec(num_branches=1, rank=2, targets=ALL_TARGETS, dora=True) if tag == "dora" else
+            dmlora.AdapterSpec(num_branches=3, rank=2, targets=ALL_TARGETS))
+    model = vit.ViT(vit.parse_variant("tiny/4", 10, **FAMILIES[tag][0]), spec)
     params = model.init(jax.random.key(0), x[:1])["params"]
     keys = jax.random.split(jax.random.key(1 + i), len(flatten(params)))
-    params = unflatten({k: (0.3 * jax.random.normal(kk, v.shape) + (1.0 if k.endswith("/scale") else 0.0))
+    params = unflatten({k: (0.3 * jax.random.normal(kk, v.shape) + (1.0 if k.endswith(("/scale", "magnitude")) else 0.0))
                         for kk, (k, v) in zip(keys, flatten(params).items())})
     np.save(os.path.join(d, "logits.npy"), np.asarray(model.apply({"params": params}, x)))
     npz.save_npz(os.path.join(d, "params.npz"), params)  # the adapted model, for the fixture test
@@ -81,7 +83,7 @@ def _timm_model(tag):
   import functools
   import torch.nn as nn
   from timm.models.vision_transformer import VisionTransformer
-  kw = {"plain_tanh": dict(act_layer=functools.partial(nn.GELU, approximate="tanh")), "plain": {},
+  kw = {"plain_tanh": dict(act_layer=functools.partial(nn.GELU, approximate="tanh")), "plain": {}, "dora": {},
         "dinov2_reg": dict(init_values=1e-5, reg_tokens=2, no_embed_class=True),
         "clip": dict(pre_norm=True, act_layer="quick_gelu", norm_layer=nn.LayerNorm),
         "gap": dict(global_pool="avg"), "map": dict(global_pool="map")}[tag]
