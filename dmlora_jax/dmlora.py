@@ -96,11 +96,15 @@ def branch_multipliers(mask_K: jax.Array | None, log_scale: jax.Array, num_branc
 def lora_delta(x_NxI: jax.Array, lora_a_KxIxR: jax.Array, lora_b_KxRxO: jax.Array,
                log_scale: jax.Array, mask_K: jax.Array | None = None,
                dtype=jnp.float32) -> jax.Array:
-  """(alpha_l / r) * sum_k m_k (x A_k) B_k, as one rank-K*r product. x may have leading dims."""
+  """(alpha_l / r) * sum_k m_k (x A_k) B_k, as one rank-K*r product. x may have leading dims.
+
+  The two matmuls run in `dtype` (bfloat16 on accelerators); the hidden vector comes out of
+  the first in float32 and takes the masks and scales in float32, so that alpha_l / r and
+  the 1/q rescale are not rounded to bfloat16's 8-bit mantissa."""
   k, _, r = lora_a_KxIxR.shape
-  h = jnp.dot(x_NxI.astype(dtype), fused_a(lora_a_KxIxR).astype(dtype))
-  h = h * branch_multipliers(mask_K, log_scale, k, r).astype(dtype)
-  return jnp.dot(h, lora_b_KxRxO.reshape(k * r, -1).astype(dtype))
+  h = jnp.dot(x_NxI.astype(dtype), fused_a(lora_a_KxIxR).astype(dtype), preferred_element_type=jnp.float32)
+  h = h * branch_multipliers(mask_K, log_scale, k, r)
+  return jnp.dot(h.astype(dtype), lora_b_KxRxO.reshape(k * r, -1).astype(dtype))
 
 
 def delta_kernel(lora_a_KxIxR: jax.Array, lora_b_KxRxO: jax.Array,

@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import numpy_vit
-from dmlora_jax import dmlora, schedules, vit
+from dmlora_jax import dmlora, merge, schedules, vit
 from dmlora_jax.config_base import ALL_TARGETS
 from dmlora_jax.merge import adapted_modules, merge_params
 from dmlora_jax.pytrees import flatten, unflatten
@@ -249,3 +250,38 @@ def test_drop_path_acts_in_training_only_and_follows_its_rng():
   assert np.abs(np.asarray(a) - np.asarray(plain)).max() > 1e-3
   with pytest.raises(ValueError, match="model.drop_path"):
     vit.parse_variant("tiny/4", 5, drop_path=1.0)
+
+
+def test_a_bfloat16_step_stays_near_the_float32_step_and_the_merge_stays_float32():
+  """model.dtype=bfloat16: bf16 matmuls, float32 params, LayerNorm statistics, softmax, logits,
+  loss, masks and scales. The adapter gradients of one step stay within 5% of the float32
+  step's (relative L2 over all of them) and within 15% for every leaf (measured: 0.4% to 9.7%,
+  the largest on a query branch, through the softmax), and the merge of the bf16 run's params
+  is float32 like the checkpoint."""
+  adapter = dmlora.AdapterSpec(num_branches=3, rank=2, targets=("query", "value", "Dense_1"))
+  _, params = make(adapter)
+  params = randomize(params, scale=0.2)
+  x, labels = images(n=8), jnp.arange(8) % 5
+  masks = jnp.asarray(np.random.default_rng(0).integers(0, 2, (2, 3, 3)) * 1.5, jnp.float32)
+
+  def grads(dtype):
+    model = make(adapter, dtype=dtype)[0]
+
+    def loss(p):
+      logits = model.apply({"params": p}, x, masks)
+      assert logits.dtype == jnp.float32
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return flatten(jax.grad(loss)(params))
+
+  g32, g16 = grads("float32"), grads("bfloat16")
+  keys = [k for k in g32 if k.endswith(("lora_a", "lora_b"))]
+  for k in keys:
+    assert g16[k].dtype == jnp.float32
+    if not float(jnp.linalg.norm(g32[k])):  # all of this module's branches dropped: exactly 0 in bf16 too
+      assert not float(jnp.abs(g16[k]).max()), k
+      continue
+    rel = float(jnp.linalg.norm(g16[k] - g32[k]) / jnp.linalg.norm(g32[k]))
+    assert rel < 0.15, (k, rel)
+  a, b = (jnp.concatenate([g[k].ravel() for k in keys]) for g in (g16, g32))
+  assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 0.05
+  assert all(v.dtype == jnp.float32 for v in flatten(merge.merge_params(params)).values())
