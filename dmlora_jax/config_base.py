@@ -21,7 +21,8 @@ ALL_TARGETS = ("query", "key", "value", "out", "Dense_0", "Dense_1")
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 42
-  c.method = "dmlora"  # a name of methods.METHODS: full, linear, lora, multibranch, dropout, dmlora, dmlora_block
+  c.method = "dmlora"  # a name of methods.METHODS: full, linear, lora, multibranch, dropout, dmlora, dmlora_block,
+  # and the comparison methods ssf, vpt_deep
   c.batch_size = 64
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
@@ -70,6 +71,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dmlora.drop_steps = 4  # number of plateaus of the `step` schedule
   c.dmlora.min_active = 1
   c.dmlora.rescale = True  # inverted-dropout 1/(1-p) rescale of kept branches
+
+  # SSF (method=ssf): gamma ~ N(1, init_std^2), beta ~ N(0, init_std^2) as the official code's
+  # init_ssf_scale_shift (0.02); 0 starts at the identity (exactly the backbone).
+  c.ssf = ml_collections.ConfigDict()
+  c.ssf.init_std = 0.02
+
+  # VPT-deep (method=vpt_deep): prompt tokens per block. The paper tunes it per task over
+  # {1, 5, 10, 50, 100, 200}; 50 is the value of that grid nearest the mean length behind its
+  # VTAB-1k parameter count (0.60 M with the head: about 61 tokens per block on ViT-B/16).
+  c.vpt = ml_collections.ConfigDict()
+  c.vpt.num_prompts = 50
 
   c.stage1 = ml_collections.ConfigDict()
   c.stage1.epochs = 100
@@ -288,6 +300,12 @@ def validate(config) -> None:
       if d.drop_schedule == "step":
         _check(d.drop_steps >= 2, "dmlora.drop_steps", d.drop_steps, "must be >= 2 for the step schedule")
       _check(0 <= d.min_active <= k, "dmlora.min_active", d.min_active, f"must be in [0, num_branches={k}]")
+  if method.module == "ssf":
+    _check(c.ssf.init_std >= 0, "ssf.init_std", c.ssf.init_std, "must be >= 0 (0 = start at the identity)")
+    _check(cfg.patch_bias, "model.patch_bias", cfg.patch_bias,
+           "method=ssf needs the patch embedding's bias (its shift merges into it)")
+  if method.module == "vpt":
+    _check(c.vpt.num_prompts >= 1, "vpt.num_prompts", c.vpt.num_prompts, "must be >= 1")
   if method.two_stage and c.stage2.epochs:
     s2 = c.stage2
     _check(s2.epochs >= 0, "stage2.epochs", s2.epochs, "must be >= 0 (0 skips 2S-LS)")

@@ -34,10 +34,14 @@ class Plan:
     return self.stage1_steps if stage == 1 else self.stage2_steps
 
 
-def build_model(config, num_classes: int, adapter: dmlora.AdapterSpec | None = None) -> vit.ViT:
-  """The ViT of config.model; a plain one without `adapter`."""
-  m = config.model
-  return vit.ViT(vit_config(config, num_classes), adapter)
+def build_model(config, num_classes: int, adapter: dmlora.AdapterSpec | None = None,
+                method: methods.Method | None = None) -> vit.ViT:
+  """The ViT of config.model; a plain one without `adapter` and `method` (a method's own module,
+  SSF or VPT, is switched on by passing the method)."""
+  cfg = vit_config(config, num_classes)
+  if method is not None and method.model_fields(config):
+    cfg = dataclasses.replace(cfg, **method.model_fields(config))
+  return vit.ViT(cfg, adapter)
 
 
 def vit_config(config, num_classes: int) -> vit.ViTConfig:
@@ -82,7 +86,7 @@ def init_params(model: vit.ViT, config, image_size: int) -> tuple[dict, str]:
   if path:
     return npz.load_pretrained(params, path, posemb_prefix=model.cfg.posemb_prefix)
   say("WARNING: model.init_checkpoint is empty; fine-tuning a randomly initialised backbone")
-  base = {k: v for k, v in pytrees.flatten(params).items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
+  base = {k: v for k, v in pytrees.flatten(params).items() if k.rsplit("/", 1)[-1] not in vit.ADDED_LEAVES}
   return params, "random:" + npz.fingerprint(base)
 
 
@@ -135,7 +139,7 @@ def build(config: ml_collections.ConfigDict, num_classes: int) -> Setup:
   """The model and initial params of a (resolved) config for a task of num_classes."""
   method = methods.get(config.method)
   adapter = method.adapter(config)
-  model = build_model(config, num_classes, adapter)
+  model = build_model(config, num_classes, adapter, method)
   if config.model.variant == "auto":
     c = model.cfg
     family = ", ".join(f"{f}={getattr(c, f)}" for f in FAMILY_FIELDS if getattr(c, f) != getattr(_PLAIN, f))

@@ -347,9 +347,9 @@ class Sweep:
       self.count("ran")
       if spec.kind == "tune" and not self.args.keep_tune_exports and self.host.index == 0:
         # A tune run's merged model is never used again and is backbone-sized (~350 MB for
-        # B/16); its results.json and adapter-sized checkpoints stay.
-        _remove(os.path.join(wd, "merged.npz"))
-        _remove(os.path.join(wd, "merged.safetensors"))
+        # B/16), and so is VPT-deep's prompts.npz; its results.json and adapter-sized checkpoints stay.
+        for name in ("merged.npz", "merged.safetensors", "prompts.npz"):
+          _remove(os.path.join(wd, name))
       self.say(f"{head}: {_acc_str(res)} in {time.time() - t:.0f}s (sweep {_hms(time.time() - self.t0)})")
       return res
     except Exception as e:  # one failed run is reported, the sweep goes on
