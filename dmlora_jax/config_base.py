@@ -214,13 +214,28 @@ STAGE1_IRRELEVANT = ("data.root", "data.tfds_data_dir", "data.num_workers", "log
                      "keep_checkpoints", "model.init_checkpoint")
 
 
+# The config blocks of the comparison methods' own modules (methods.Method.module -> prefix).
+MODULE_BLOCKS = {"ssf": "ssf.", "vpt": "vpt."}
+
+
+def other_methods_keys(config) -> tuple[str, ...]:
+  """Prefixes of the config blocks that config.method does not read (config.vpt for ssf, both
+  for dmlora). Fingerprints and the sweep's staleness check leave them out, so that adding a
+  method's block changes nothing for the runs (and checkpoints) of the others."""
+  from dmlora_jax import methods
+  module = methods.get(config.method).module
+  return tuple(p for m, p in MODULE_BLOCKS.items() if m != module)
+
+
 def stage1_fingerprint(config) -> str:
-  """A hash of every config value that stage 1 depends on: everything but stage2.* and
-  STAGE1_IRRELEVANT, with the method as the method whose stage 1 it shares (dmlora's is
-  dropout's). Two runs with equal fingerprints train bit-identical stage 1s."""
+  """A hash of every config value that stage 1 depends on: everything but stage2.*,
+  STAGE1_IRRELEVANT and other methods' blocks, with the method as the method whose stage 1 it
+  shares (dmlora's is dropout's). Two runs with equal fingerprints train bit-identical stage 1s."""
   from dmlora_jax import methods
   flat = flatten(config)
-  used = {k: v for k, v in flat.items() if not k.startswith("stage2.") and k not in STAGE1_IRRELEVANT}
+  other = other_methods_keys(config)
+  used = {k: v for k, v in flat.items()
+          if not k.startswith(("stage2.",) + other) and k not in STAGE1_IRRELEVANT}
   used["method"] = methods.get(config.method).stage1_key
   return hashlib.sha256(json.dumps(used, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -207,8 +207,13 @@ def read_results(workdir: str) -> dict | None:
 
 
 def stale_keys(results: dict, config) -> list[str]:
+  """The config keys whose values differ between a finished run and the run wanted. The blocks
+  of other methods (config.ssf for a dmlora row) do not count: a run made before such a block
+  existed is still the same run."""
   want, have = flatten(config), results.get("config", {})
-  return sorted(k for k in set(want) | set(have) if k not in IRRELEVANT_KEYS and want.get(k) != have.get(k))
+  other = config_base.other_methods_keys(config)
+  return sorted(k for k in set(want) | set(have)
+                if k not in IRRELEVANT_KEYS and not k.startswith(other) and want.get(k) != have.get(k))
 
 
 # ---- running ----

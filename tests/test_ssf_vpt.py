@@ -203,6 +203,22 @@ def test_config_checks_name_the_key():
       config_base.validate(c)
 
 
+def test_the_new_config_blocks_leave_other_methods_fingerprints_and_finished_runs_alone():
+  from dmlora_jax import sweep
+  c = tiny_config("dropout")
+  before = config_base.stage1_fingerprint(c)
+  for key, value in (("vpt.num_prompts", 7), ("ssf.init_std", 0.5)):
+    config_base.override(c, key, value)
+  assert config_base.stage1_fingerprint(c) == before  # a dropout stage 1 made before them still serves dmlora
+  old = {"config": {k: v for k, v in sweep.flatten(c).items() if not k.startswith(("ssf.", "vpt."))}}
+  assert sweep.stale_keys(old, c) == []  # a finished dmlora-family run is not rerun
+  v = tiny_config("vpt_deep")
+  fp = config_base.stage1_fingerprint(v)
+  config_base.override(v, "vpt.num_prompts", 7)
+  assert config_base.stage1_fingerprint(v) != fp  # but its own block counts for VPT
+  assert sweep.stale_keys({"config": sweep.flatten(tiny_config("vpt_deep"))}, v) == ["vpt.num_prompts"]
+
+
 # ---- end to end: train, export, eval, resume ----
 
 def _config(method):
