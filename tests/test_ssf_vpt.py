@@ -244,6 +244,8 @@ def test_run_counts_exports_and_checkpoints_only_its_own_leaves(run):
     assert {"merged.npz", "merged.safetensors"} <= files and "prompts.npz" not in files
     merged = npz.load_npz(os.path.join(wd, "merged.npz"))
     assert not any(k.rsplit("/", 1)[-1] in vit.ADDED_LEAVES for k in merged)
+    timm = npz.load_checkpoint(os.path.join(wd, "merged.safetensors"), 2)  # the same weights in timm's naming
+    assert set(timm) == set(merged) and all(np.array_equal(timm[k], merged[k]) for k in merged)
   else:
     assert not files & {"merged.npz", "merged.safetensors", "adapter"} and res["merged_npz"] is None
     saved = npz.load_npz(os.path.join(wd, "prompts.npz"))
