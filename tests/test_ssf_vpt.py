@@ -151,10 +151,12 @@ def _trainable_count(method: str, num_classes: int, **config) -> int:
   return sum(int(np.prod(v.shape)) for k, v in flatten(shapes).items() if partition.label_of(k) in m.owned)
 
 
-# The papers' VTAB-1k "Params (M)" include the linear head: the SSF paper's table lists linear
-# probing itself at 0.04 M, the mean head of the 19 tasks (769 x 49.5 classes = 0.038 M), and
-# SSF's own backbone part is 0.206 M, 0.24 M only with that head. So the counts here are the mean
-# over the 19 VTAB-1k tasks of (method's leaves + head), as results.json's trainable_params.
+# The papers' VTAB-1k "Params (M)" include the linear head. The search tool did not bring up the
+# text of the SSF paper's table, so this rests on the arithmetic: SSF's own leaves on ViT-B/16
+# (as the official code places them) are 0.206 M, which rounds to 0.21 M, not 0.24 M; with the
+# mean head of the 19 VTAB-1k tasks (769 x 49.5 classes = 0.038 M) they are 0.244 M, the 0.24 M
+# published. The counts here are therefore the mean over the 19 tasks of (method's leaves + head),
+# as results.json's trainable_params; VPT-deep's 0.60 M is read under the same convention.
 VTAB_CLASSES = [t.num_classes for t in vtab_tasks.TASKS.values()]
 
 
@@ -171,6 +173,7 @@ def test_ssf_trainable_params_on_vit_b16_are_the_papers_0_24m():
   per_block = 2 * (3 * 768 + 768 + 3072 + 768 + 2 * 768)
   assert _trainable_count("ssf", 100) == 12 * per_block + 2 * 2 * 768 + head(100) == 205_824 + 76_900
   assert round(_vtab_mean("ssf") / 1e6, 2) == 0.24
+  assert round((_vtab_mean("ssf") - 769 * np.mean(VTAB_CLASSES)) / 1e6, 2) == 0.21  # without the head: not the paper's
 
 
 def test_vpt_deep_trainable_params_on_vit_b16_match_the_papers_0_60m_at_its_mean_prompt_length():
