@@ -24,7 +24,8 @@ ATTENTION = ("auto", "cpu_kernel", "xla", "dot_product_attention", "cudnn", "pal
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 42
-  c.method = "dmlora"  # a name of methods.METHODS: full, linear, lora, multibranch, dropout, dmlora, dmlora_block
+  c.method = "dmlora"  # a name of methods.METHODS: full, linear, lora, multibranch, dropout, dmlora, dmlora_block,
+  # and the comparison methods ssf, vpt_deep
   c.batch_size = 64
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
@@ -87,6 +88,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dora.alpha = 8.0  # LoRA scale alpha / rank, as PEFT's lora_alpha
   c.dora.targets = ("query", "key", "value")
   c.dora.init = "kaiming_uniform"  # of A, as PEFT
+
+  # SSF (method=ssf): gamma ~ N(1, init_std^2), beta ~ N(0, init_std^2) as the official code's
+  # init_ssf_scale_shift (0.02); 0 starts at the identity (exactly the backbone).
+  c.ssf = ml_collections.ConfigDict()
+  c.ssf.init_std = 0.02
+
+  # VPT-deep (method=vpt_deep): prompt tokens per block. The paper tunes it per task over
+  # {1, 5, 10, 50, 100, 200}; 50 is the value of that grid nearest the mean length behind its
+  # VTAB-1k parameter count (0.60 M with the head: about 61 tokens per block on ViT-B/16).
+  c.vpt = ml_collections.ConfigDict()
+  c.vpt.num_prompts = 50
 
   c.stage1 = ml_collections.ConfigDict()
   c.stage1.epochs = 100
@@ -225,17 +237,31 @@ STAGE1_IRRELEVANT = ("data.root", "data.tfds_data_dir", "data.num_workers", "log
 # rounding) and so the fingerprint.
 LATER_KEYS = {"model.attention": "auto", "parallel": "pmap", "model.num_heads": 0, "model.layer_scale": False,
               "model.num_registers": 0, "model.no_embed_class": False, "model.pre_norm": False,
-              "model.activation": "gelu", "model.pool": "token", "model.patch_bias": True, "model.layer_norm_eps": 1e-6,
-              "dora.rank": 8, "dora.alpha": 8.0, "dora.targets": ["query", "key", "value"], "dora.init": "kaiming_uniform"}
+              "model.activation": "gelu", "model.pool": "token", "model.patch_bias": True, "model.layer_norm_eps": 1e-6}
+
+# The config blocks of the comparison methods (a Method's `module` or `config_block` -> prefix).
+METHOD_BLOCKS = {"ssf": "ssf.", "vpt": "vpt.", "dora": "dora."}
+
+
+def other_methods_keys(config) -> tuple[str, ...]:
+  """Prefixes of the comparison methods' config blocks that config.method does not read
+  (config.vpt and config.dora for ssf, all of them for dmlora). Fingerprints and the sweep's
+  staleness check leave them out, so that adding a method's block changes nothing for the runs
+  (and checkpoints) of the others."""
+  from dmlora_jax import methods
+  m = methods.get(config.method)
+  return tuple(p for name, p in METHOD_BLOCKS.items() if name not in (m.module, m.config_block))
 
 
 def stage1_fingerprint(config) -> str:
-  """A hash of every config value that stage 1 depends on: everything but stage2.* and
-  STAGE1_IRRELEVANT, with the method as the method whose stage 1 it shares (dmlora's is
-  dropout's). Two runs with equal fingerprints train bit-identical stage 1s."""
+  """A hash of every config value that stage 1 depends on: everything but stage2.*,
+  STAGE1_IRRELEVANT and other methods' blocks, with the method as the method whose stage 1 it
+  shares (dmlora's is dropout's). Two runs with equal fingerprints train bit-identical stage 1s."""
   from dmlora_jax import methods
   flat = flatten(config)
-  used = {k: v for k, v in flat.items() if not k.startswith("stage2.") and k not in STAGE1_IRRELEVANT
+  other = other_methods_keys(config)
+  used = {k: v for k, v in flat.items()
+          if not k.startswith(("stage2.",) + other) and k not in STAGE1_IRRELEVANT
           and not (k in LATER_KEYS and v == LATER_KEYS[k])}
   used["method"] = methods.get(config.method).stage1_key
   return hashlib.sha256(json.dumps(used, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -320,6 +346,12 @@ def validate(config) -> None:
       if d.drop_schedule == "step":
         _check(d.drop_steps >= 2, "dmlora.drop_steps", d.drop_steps, "must be >= 2 for the step schedule")
       _check(0 <= d.min_active <= k, "dmlora.min_active", d.min_active, f"must be in [0, num_branches={k}]")
+  if method.module == "ssf":
+    _check(c.ssf.init_std >= 0, "ssf.init_std", c.ssf.init_std, "must be >= 0 (0 = start at the identity)")
+    _check(cfg.patch_bias, "model.patch_bias", cfg.patch_bias,
+           "method=ssf needs the patch embedding's bias (its shift merges into it)")
+  if method.module == "vpt":
+    _check(c.vpt.num_prompts >= 1, "vpt.num_prompts", c.vpt.num_prompts, "must be >= 1")
   if method.two_stage and c.stage2.epochs:
     s2 = c.stage2
     _check(s2.epochs >= 0, "stage2.epochs", s2.epochs, "must be >= 0 (0 skips 2S-LS)")

@@ -6,13 +6,17 @@ with alpha_l = exp(lora_log_scale) (DoRA: W' = m (W + s A B) / ||W + s A B||_c, 
 computed in float32 whatever the storage dtype, then
 cast back to the kernel's dtype and reshaped to its checkpoint shape. The result has exactly the names and shapes of a public
 ViT checkpoint and runs in the plain model with no adapter code.
+
+SSF's scales and shifts fold in the same way (ssf.merge: W' = W diag gamma, b' = b gamma + beta,
+and a LayerNorm's scale and bias likewise). VPT's prompts do not fold into weights: a tree with
+prompts is refused (methods.Method.merges says which methods merge).
 """
 
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from dmlora_jax import dmlora, dora
+from dmlora_jax import dmlora, dora, ssf, vpt
 from dmlora_jax.pytrees import flatten, unflatten
 
 Params = Mapping[str, Any]
@@ -24,8 +28,13 @@ def adapted_modules(params: Params) -> list[str]:
 
 
 def merge_params(params: Params) -> dict:
-  """Returns a plain-ViT param tree with every branch set merged into its kernel."""
+  """Returns a plain-ViT param tree with every branch set (and every SSF scale and shift)
+  merged into its kernel."""
   flat = flatten(params)
+  prompts = [k for k in flat if k.rsplit("/", 1)[-1] in vpt.LEAVES]
+  if prompts:
+    raise ValueError(f"{prompts[0]}: VPT's prompts are tokens, not a weight update; they cannot merge into a plain ViT")
+  flat = ssf.merge(flat)
   out = {k: v for k, v in flat.items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
   for module in adapted_modules(params):
     kernel = flat[f"{module}/kernel"]

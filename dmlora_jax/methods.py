@@ -5,12 +5,16 @@ step, the optimizers, the sweep, the report and the bench read it; nothing else 
 The ablation rows of the method are methods too: `multibranch` (K branches, never dropped),
 `dropout` (K branches with the drop schedule, no 2S-LS) and `dmlora` (the full method), so
 that each row of a results table is one `config.method`.
+
+The comparison methods SSF and VPT-deep have no branches: their own leaves (label PEFT) are
+switched on in the ViT by `model_fields` (ssf.py, vpt.py), with their settings in config.ssf
+and config.vpt. VPT's prompts are not a weight update, so it has no merged export (`merges`).
 """
 
 import dataclasses
 
 from dmlora_jax import dmlora
-from dmlora_jax.partition import BRANCHES, FROZEN, HEAD, SCALE
+from dmlora_jax.partition import BRANCHES, FROZEN, HEAD, PEFT, SCALE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +29,8 @@ class Method:
   settings: tuple = ()  # (config key, value) pairs the method fixes, e.g. the 2S-LS granularity
   config_block: str = "dmlora"  # the config block of its adapter: rank, alpha, targets, init
   dora: bool = False  # DoRA's magnitude/direction split on the one branch (dora.py)
+  module: str = ""  # a module of its own in the ViT: "ssf" (ssf.py) | "vpt" (vpt.py); "" = none
+  merges: bool = True  # its trained params fold into a plain ViT (merged.npz, merged.safetensors)
 
   @property
   def stage1_key(self) -> str:
@@ -44,6 +50,14 @@ class Method:
     """Labels of the leaves the method ever trains: those in the train state and checkpoints.
     Adapter methods own their scales too (saved, merged, reported) even without stage 2."""
     return self.stage1 | ({SCALE} if self.branches != "none" else frozenset())
+
+  def model_fields(self, config) -> dict:
+    """The vit.ViTConfig fields that switch the method's own module on (config.ssf, config.vpt)."""
+    if self.module == "ssf":
+      return {"ssf": True, "ssf_init_std": float(config.ssf.init_std)}
+    if self.module == "vpt":
+      return {"vpt_prompts": int(config.vpt.num_prompts)}
+    return {}
 
   def stage2_epochs(self, config) -> int:
     return config.stage2.epochs if self.two_stage else 0
@@ -72,6 +86,10 @@ METHODS = {m.name: m for m in [
            stage1_of="dropout", settings=(("stage2.granularity", "block"),)),
     Method("dora", "DoRA: one LoRA branch on the direction, a trained magnitude per output unit", "one", False,
            False, _ADAPTER, config_block="dora", dora=True),
+    Method("ssf", "SSF: a learned scale and shift after every linear layer, LayerNorm and the patch embedding",
+           "none", False, False, frozenset({PEFT, HEAD}), module="ssf"),
+    Method("vpt_deep", "VPT-deep: learned prompt tokens at every block's input (no merged model)", "none", False,
+           False, frozenset({PEFT, HEAD}), module="vpt", merges=False),
 ]}
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dmlora_jax import checkpoint_source, dmlora, timm_format
+from dmlora_jax import checkpoint_source, timm_format, vit
 from dmlora_jax.pytrees import flatten, unflatten
 
 POSEMB = "Transformer/posembed_input/pos_embedding"
@@ -141,13 +141,13 @@ def load_pretrained(init_params: Mapping[str, Any], path: str, posemb_prefix: in
   - pre_logits is dropped when the model has none;
   - the position embedding is resampled when the token grid differs (its first
     `posemb_prefix` rows, the class token's and the registers', are kept).
-  Adapter leaves keep their init. Returns (params, fingerprint of the checkpoint).
+  Adapter leaves (and SSF's, VPT's: vit.ADDED_LEAVES) keep their init. Returns (params, fingerprint of the checkpoint).
   """
   model = flatten(init_params)
   ckpt = load_checkpoint(path, num_heads=next(
       v.shape[1] for k, v in model.items() if k.endswith("MultiHeadDotProductAttention_1/query/kernel")))
   fp = fingerprint(ckpt)
-  base = {k: v for k, v in model.items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
+  base = {k: v for k, v in model.items() if k.rsplit("/", 1)[-1] not in vit.ADDED_LEAVES}
   has_pre_logits = any(k.startswith("pre_logits/") for k in base)
   out = dict(model)
   for k in sorted(set(ckpt) - set(base)):

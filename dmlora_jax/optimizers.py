@@ -192,5 +192,5 @@ def make_optimizer(method: methods.Method, stage: int, total_steps: int,
                                           alpha=s1.min_lr / s1.lr)
     txs = {SCALE: scale_tx, HEAD: masked_adamw(head_lr)}
     txs = {lab: txs[lab] for lab in on}
-  transforms = {lab: txs.get(lab, optax.set_to_zero()) for lab in (FROZEN, BRANCHES, HEAD, SCALE)}
+  transforms = {lab: txs.get(lab, optax.set_to_zero()) for lab in partition.LABELS}
   return optax.multi_transform(transforms, partition.labels, mask_compatible_extra_args=True), lr

@@ -12,6 +12,9 @@ from typing import Any, Mapping
 from dmlora_jax import pytrees
 
 FROZEN, BRANCHES, HEAD, SCALE = "frozen", "branches", "head", "scale"
+# The comparison methods' own leaves: SSF's scale and shift (ssf.py), VPT's prompts (vpt.py).
+PEFT = "peft"
+LABELS = (FROZEN, BRANCHES, HEAD, SCALE, PEFT)
 
 # (regex over 'a/b/c' paths, label). The backbone rule lists the checkpoint leaf names, so
 # a new kind of leaf cannot slip into a group silently.
@@ -23,6 +26,7 @@ RULES = (
     (r"^.*/(lora_[ab]|dora_magnitude)$", BRANCHES),
     (r"^.*/lora_log_scale$", SCALE),
     (r"^head/(kernel|bias)$", HEAD),
+    (r"^(.*/)?ssf_(scale|shift)$|^Transformer/vpt_prompts$", PEFT),
 )
 
 

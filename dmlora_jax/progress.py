@@ -73,7 +73,7 @@ def print_summary(results: dict):
       ("trainable / total params", f"{results['trainable_params']:,} / {results['total_params']:,}"),
       ("steps (stage 1 + stage 2)", f"{results['stage1_steps']} + {results['stage2_steps']}"),
       ("wall time", _fmt_time(results["wall_time_s"])),
-      ("merged export", results["merged_npz"]),
+      ("merged export", results["merged_npz"] or f"none (the method does not merge): {results.get('prompts_npz')}"),
   ]
   spread = results.get("scale_spread")
   if spread:

@@ -34,12 +34,16 @@ class Plan:
     return self.stage1_steps if stage == 1 else self.stage2_steps
 
 
-def build_model(config, num_classes: int, adapter: dmlora.AdapterSpec | None = None) -> vit.ViT:
-  """The ViT of config.model; a plain one without `adapter`. An attention implementation that
-  cannot run on this backend is a ConfigError here, before anything is compiled."""
-  m = config.model
-  kernels.attention_fn(m.attention)
-  return vit.ViT(vit_config(config, num_classes), adapter)
+def build_model(config, num_classes: int, adapter: dmlora.AdapterSpec | None = None,
+                method: methods.Method | None = None) -> vit.ViT:
+  """The ViT of config.model; a plain one without `adapter` and `method` (a method's own module,
+  SSF or VPT, is switched on by passing the method). An attention implementation that cannot
+  run on this backend is a ConfigError here, before anything is compiled."""
+  kernels.attention_fn(config.model.attention)
+  cfg = vit_config(config, num_classes)
+  if method is not None and method.model_fields(config):
+    cfg = dataclasses.replace(cfg, **method.model_fields(config))
+  return vit.ViT(cfg, adapter)
 
 
 def vit_config(config, num_classes: int) -> vit.ViTConfig:
@@ -86,7 +90,7 @@ def init_params(model: vit.ViT, config, image_size: int) -> tuple[dict, str]:
     params, fp = npz.load_pretrained(params, path, posemb_prefix=model.cfg.posemb_prefix)
   else:
     say("WARNING: model.init_checkpoint is empty; fine-tuning a randomly initialised backbone")
-    base = {k: v for k, v in pytrees.flatten(params).items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
+    base = {k: v for k, v in pytrees.flatten(params).items() if k.rsplit("/", 1)[-1] not in vit.ADDED_LEAVES}
     fp = "random:" + npz.fingerprint(base)
   return jax.tree.map(np.asarray, pytrees.unflatten(dora.init_magnitudes(pytrees.flatten(params)))), fp
 
@@ -140,7 +144,7 @@ def build(config: ml_collections.ConfigDict, num_classes: int) -> Setup:
   """The model and initial params of a (resolved) config for a task of num_classes."""
   method = methods.get(config.method)
   adapter = method.adapter(config)
-  model = build_model(config, num_classes, adapter)
+  model = build_model(config, num_classes, adapter, method)
   if config.model.variant == "auto":
     c = model.cfg
     family = ", ".join(f"{f}={getattr(c, f)}" for f in FAMILY_FIELDS if getattr(c, f) != getattr(_PLAIN, f))

@@ -207,10 +207,15 @@ def read_results(workdir: str) -> dict | None:
 
 
 def stale_keys(results: dict, config) -> list[str]:
+  """The config keys whose values differ between a finished run and the run wanted. The blocks
+  of other methods (config.ssf for a dmlora row) do not count: a run made before such a block
+  existed is still the same run."""
   want, have = flatten(config), results.get("config", {})
   # A run written before a key existed ran at the key's default (config_base.LATER_KEYS).
   have = {**{k: v for k, v in config_base.LATER_KEYS.items() if k not in have}, **have}
-  return sorted(k for k in set(want) | set(have) if k not in IRRELEVANT_KEYS and want.get(k) != have.get(k))
+  other = config_base.other_methods_keys(config)
+  return sorted(k for k in set(want) | set(have)
+                if k not in IRRELEVANT_KEYS and not k.startswith(other) and want.get(k) != have.get(k))
 
 
 # ---- running ----
@@ -349,9 +354,9 @@ class Sweep:
       self.count("ran")
       if spec.kind == "tune" and not self.args.keep_tune_exports and self.host.index == 0:
         # A tune run's merged model is never used again and is backbone-sized (~350 MB for
-        # B/16); its results.json and adapter-sized checkpoints stay.
-        _remove(os.path.join(wd, "merged.npz"))
-        _remove(os.path.join(wd, "merged.safetensors"))
+        # B/16), and so is VPT-deep's prompts.npz; its results.json and adapter-sized checkpoints stay.
+        for name in ("merged.npz", "merged.safetensors", "prompts.npz"):
+          _remove(os.path.join(wd, name))
       self.say(f"{head}: {_acc_str(res)} in {time.time() - t:.0f}s (sweep {_hms(time.time() - self.t0)})")
       return res
     except Exception as e:  # one failed run is reported, the sweep goes on

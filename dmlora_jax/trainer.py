@@ -1,6 +1,7 @@
 """The three jobs of `python -m dmlora_jax.main`: train (both stages, evaluate, export),
 export (merged.npz, merged.safetensors and the PEFT adapter from the newest checkpoint) and eval (the merged newest checkpoint on the
-plain ViT). Each validates the config first, before any data or checkpoint is read.
+plain ViT). A method whose params do not merge (VPT-deep's prompts) exports prompts.npz, the
+full params with the prompts, and is evaluated with its own model. Each validates the config first, before any data or checkpoint is read.
 
 The pieces: setup.py (model, params, plan), training.py (the loop, checkpoints, resume),
 evaluation.py (top-1), merge.py (the merge), npz.py (the export).
@@ -14,7 +15,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from dmlora_jax import checkpoint_source, config_base, data, dmlora, hostmem, merge, npz, peft_export, pytrees, setup, timm_format
+from dmlora_jax import checkpoint_source, config_base, data, dmlora, hostmem, merge, methods, npz, peft_export, pytrees, setup, \
+  timm_format
 from dmlora_jax.checkpointing import ResumeError
 from dmlora_jax.config_base import ConfigError
 from dmlora_jax.evaluation import Evaluator
@@ -28,13 +30,25 @@ USER_ERRORS = (ConfigError, ResumeError, npz.CheckpointError, checkpoint_source.
 
 # ---- results ----
 
-def export_merged(params: dict, workdir: str) -> str:
+PROMPTS_NPZ = "prompts.npz"
+
+
+def export_merged(params: dict, workdir: str, method: methods.Method | None = None) -> str:
   """The exports of a run (process 0 writes them):
   - merged.npz: the merged weights in the public naming;
   - merged.safetensors: the same in timm's naming, loadable by timm's ViT as it is;
   - adapter/: the branches as a PEFT LoRA on timm's ViT, unmerged (peft_export.py).
   A part timm's naming lacks (pre_logits), or a method without branches, skips the last two
-  or the adapter with a one-line note. Returns merged.npz's path."""
+  or the adapter with a one-line note. A method that does not merge (VPT-deep) writes only
+  prompts.npz: every param with its prompts (npz.load_npz reads it; the method's model runs
+  it), and says why in one line. Returns the path of merged.npz (or prompts.npz)."""
+  if method is not None and not method.merges:
+    path = os.path.join(workdir, PROMPTS_NPZ)
+    if jax.process_index() == 0:
+      npz.save_npz(path, params)
+      say(f"note: method={method.name} has no merged export (its prompts are input tokens, not a weight update: "
+          f"no merged.npz, merged.safetensors or adapter/); {PROMPTS_NPZ} holds the params with the prompts")
+    return path
   path = os.path.join(workdir, "merged.npz")
   if jax.process_index() == 0:
     merged = merge.merge_params(params)
@@ -124,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   acc = Evaluator(s.model, config.data.normalization, config.batch_size, trainer.devices,
                   config.parallel)(state_dev, task.evals)
   params = trainer.final_params(state_dev)
-  export = export_merged(params, workdir)
+  export = export_merged(params, workdir, s.method)
   scales = learned_scales(params)
   results = {
       "accuracy": acc,
@@ -140,7 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       "scale_spread": scale_spread(scales),
       "stage2_loss": stage_losses(workdir, 2),
       "base_fingerprint": s.base_fingerprint,
-      "merged_npz": export,
+      "merged_npz": export if s.method.merges else None,
+      "prompts_npz": None if s.method.merges else export,
       "devices": f"{jax.process_count()}x{n_local} {jax.devices()[0].device_kind}",
   }
   if jax.process_index() == 0:
@@ -158,25 +173,30 @@ def _restored_params(config, workdir: str, need_eval: bool):
   if got is None:
     raise ResumeError(f"no checkpoint in {os.path.abspath(os.path.join(workdir, 'checkpoints'))}: train first")
   trainable, _ = got
-  return config, task, pytrees.join(s.frozen, trainable)
+  return config, task, s, pytrees.join(s.frozen, trainable)
 
 
 def export_from_checkpoint(config, workdir: str) -> str:
-  """--mode=export: writes merged.npz, merged.safetensors and adapter/ from the newest checkpoint."""
-  _, _, params = _restored_params(config, workdir, need_eval=False)
-  path = export_merged(params, workdir)
+  """--mode=export: writes merged.npz, merged.safetensors and adapter/ from the newest checkpoint
+  (prompts.npz for a method that does not merge)."""
+  _, _, s, params = _restored_params(config, workdir, need_eval=False)
+  path = export_merged(params, workdir, s.method)
   say(f"Wrote {path}")
   return path
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
-  """--mode=eval: merges the newest checkpoint and evaluates it with the plain ViT."""
-  config, task, params = _restored_params(config, workdir, need_eval=True)
-  plain = setup.build_model(config, task.num_classes)
-  evaluator = Evaluator(plain, config.data.normalization, config.batch_size, parallel=config.parallel)
-  acc = evaluator(evaluator.replicate_params(merge.merge_params(params)), task.evals)
+  """--mode=eval: merges the newest checkpoint and evaluates it with the plain ViT (a method
+  that does not merge: its own model on the unmerged params)."""
+  config, task, s, params = _restored_params(config, workdir, need_eval=True)
+  if s.method.merges:
+    model, params, what = setup.build_model(config, task.num_classes), merge.merge_params(params), "merged"
+  else:
+    model, what = s.model, "unmerged"
+  evaluator = Evaluator(model, config.data.normalization, config.batch_size, parallel=config.parallel)
+  acc = evaluator(evaluator.replicate_params(params), task.evals)
   for k, v in acc.items():
     say(f"{k} top-1: {100 * v:.2f}%")
   if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, "eval.json"), {"accuracy": acc, "from": "merged newest checkpoint"})
+    write_json_atomic(os.path.join(workdir, "eval.json"), {"accuracy": acc, "from": f"{what} newest checkpoint"})
   return acc

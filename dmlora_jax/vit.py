@@ -18,7 +18,9 @@ LayerNorm_0, MlpBlock_0}` (attention pooling, big_vision's names); a position em
 With an `AdapterSpec`, every targeted projection also holds the DMLoRA leaves `lora_a`
 (K, d_in, r), `lora_b` (K, r, d_out) and `lora_log_scale` () = log alpha_l, in its matrix
 view; the stored kernels keep their checkpoint shapes. Without one, the same code is a
-plain ViT (no adapter code runs), which is what a merged export is run with.
+plain ViT (no adapter code runs), which is what a merged export is run with. The comparison
+methods SSF (`ssf_scale`, `ssf_shift` beside every kernel and LayerNorm scale: ssf.py) and
+VPT-deep (`Transformer/vpt_prompts`: vpt.py) are ViTConfig switches, off by default.
 
 The module reads top-down: the model (ViT), its parts, then the projection helpers. The
 computation is laid out for speed on XLA (CPU in particular): the patch embedding is a
@@ -36,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmlora_jax import dmlora, dora, kernels
+from dmlora_jax import dmlora, dora, kernels, ssf, vpt
 
 # name -> (width, depth, heads, mlp_dim)
 VARIANTS = {
@@ -52,6 +54,8 @@ VARIANTS = {
 
 
 LN_EPS = 1e-6
+# Leaf names that the methods add and no public checkpoint has: loading and merging skip them.
+ADDED_LEAVES = dmlora.ADAPTER_LEAVES + ssf.LEAVES + vpt.LEAVES
 ACTIVATIONS = ("gelu", "quick_gelu")
 POOLS = ("token", "avg", "map")
 
@@ -78,6 +82,10 @@ class ViTConfig:
   pool: str = "token"  # token: class token | avg: mean patch token, then fc_norm | map: attention pooling (MAPHead)
   patch_bias: bool = True  # the patch embedding's bias (CLIP has none)
   layer_norm_eps: float = LN_EPS  # 1e-6 (ViT, DINOv2); OpenAI CLIP uses 1e-5
+  # The comparison methods' own modules (methods.py turns them on; a merged export runs without).
+  ssf: bool = False  # SSF scale and shift after every linear layer, LayerNorm and the patch embedding (ssf.py)
+  ssf_init_std: float = 0.02  # gamma ~ N(1, std^2), beta ~ N(0, std^2); 0 = the identity
+  vpt_prompts: int = 0  # VPT-deep: prompt tokens at every block's input (vpt.py); 0 = none
   attention: str = "auto"  # kernels.ATTENTION: which attention implementation (per backend)
 
   def __post_init__(self):
@@ -89,6 +97,13 @@ class ViTConfig:
       raise ValueError(f"model.pool must be one of {POOLS}, got {self.pool!r}")
     if self.num_registers < 0:
       raise ValueError(f"model.num_registers must be >= 0, got {self.num_registers}")
+    if self.vpt_prompts < 0:
+      raise ValueError(f"vpt.num_prompts must be >= 0, got {self.vpt_prompts}")
+
+  @property
+  def ssf_std(self) -> float | None:
+    """The SSF init std of every modulated module, or None without SSF."""
+    return self.ssf_init_std if self.ssf else None
 
   @property
   def num_prefix(self) -> int:
@@ -144,7 +159,7 @@ class ViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(t, (b,) + t.shape[1:]).astype(emb.dtype) for t in prefix] + [emb], axis=1)
     x = Transformer(c, self.adapter, name="Transformer")(x.astype(jnp.float32), branch_masks, train)
     if c.pool == "avg":
-      x = LayerNorm(c.layer_norm_eps, name="fc_norm")(x[:, c.num_prefix:].mean(axis=1))
+      x = LayerNorm(c.layer_norm_eps, c.ssf_std, name="fc_norm")(x[:, c.num_prefix:].mean(axis=1))
     elif c.pool == "map":
       x = MAPHead(c, name="MAPHead_0")(x[:, c.num_prefix:])  # over the patch tokens, as timm
     else:
@@ -166,7 +181,7 @@ class MAPHead(nn.Module):
     b, _, d = x_BxTxD.shape
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
     y = _MAPAttention(c, name="MultiHeadDotProductAttention_0")(jnp.broadcast_to(probe, (b, 1, d)), x_BxTxD)
-    y = y + MlpBlock(c, None, name="MlpBlock_0")(LayerNorm(c.layer_norm_eps, name="LayerNorm_0")(y), None)
+    y = y + MlpBlock(c, None, name="MlpBlock_0")(LayerNorm(c.layer_norm_eps, c.ssf_std, name="LayerNorm_0")(y), None)
     return y[:, 0]
 
 
@@ -178,8 +193,8 @@ class _MAPAttention(nn.Module):
   def __call__(self, q_Bx1xD, x_BxTxD):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     d, h, dh = c.width, c.num_heads, c.head_dim
-    proj = {n: Projection((d,), (h, dh), name=n)() for n in ("query", "key", "value")}
-    out = Projection((h, dh), (d,), name="out")()
+    proj = {n: Projection((d,), (h, dh), ssf_std=c.ssf_std, name=n)() for n in ("query", "key", "value")}
+    out = Projection((h, dh), (d,), ssf_std=c.ssf_std, name="out")()
 
     def heads(y, src):  # (B, N, D) -> (B, H, N, Dh)
       w, bias, _ = proj[y]
@@ -200,10 +215,14 @@ class Embedding(nn.Module):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     p = c.patch_size
     kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
-                        (p, p, channels, c.width))
-    y = jnp.dot(patches_BxNxF.astype(dt), kernel.reshape(p * p * channels, c.width).astype(dt))
-    if c.patch_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (c.width,)).astype(dt)
+                        (p, p, channels, c.width)).reshape(p * p * channels, c.width)
+    bias = self.param("bias", nn.initializers.zeros, (c.width,)) if c.patch_bias else None
+    if c.ssf:
+      bias = jnp.zeros((c.width,), kernel.dtype) if bias is None else bias
+      kernel, bias = ssf.fold(kernel, bias, *ssf.declare(self, (c.width,), c.ssf_init_std))
+    y = jnp.dot(patches_BxNxF.astype(dt), kernel.astype(dt))
+    if bias is not None:
+      y = y + bias.astype(dt)
     return y
 
 
@@ -228,15 +247,23 @@ class Transformer(nn.Module):
     c = self.cfg
     x = PosEmbed(c.num_prefix - c.posemb_prefix, name="posembed_input")(x)
     if c.pre_norm:
-      x = LayerNorm(c.layer_norm_eps, name="norm_pre")(x)
+      x = LayerNorm(c.layer_norm_eps, c.ssf_std, name="norm_pre")(x)
+    prompts = None
+    if c.vpt_prompts:  # VPT-deep: block i reads its own prompts after the prefix tokens
+      prompts = self.param(vpt.PROMPTS, vpt.uniform_init(vpt.init_bound(c.patch_size, c.width)),
+                           (c.depth, c.vpt_prompts, c.width))
     block_cls = nn.remat(EncoderBlock) if self.cfg.remat else EncoderBlock
     for i in range(self.cfg.depth):
       m = None if masks is None else masks[i]
       rate = self.cfg.drop_path * i / max(self.cfg.depth - 1, 1) if train else 0.0
+      if prompts is not None:
+        x = vpt.insert(x, prompts[i], c.num_prefix, replace=i > 0)
       x = block_cls(self.cfg, self.adapter, drop_path=rate, name=f"encoderblock_{i}")(x, m)
+    if prompts is not None:
+      x = vpt.remove(x, c.vpt_prompts, c.num_prefix)
     if c.pool == "avg":  # timm: the final norm becomes fc_norm, after pooling
       return x
-    return LayerNorm(c.layer_norm_eps, name="encoder_norm")(x)
+    return LayerNorm(c.layer_norm_eps, c.ssf_std, name="encoder_norm")(x)
 
 
 class EncoderBlock(nn.Module):
@@ -263,10 +290,10 @@ class EncoderBlock(nn.Module):
   def _norm(self, name, x):
     """(LayerNorm output, None), or in float32 compute (x_hat, (scale, bias)) for the next
     projections to fold in: measured faster in float32 on XLA CPU, slower in bfloat16."""
-    eps = self.cfg.layer_norm_eps
+    eps, std = self.cfg.layer_norm_eps, self.cfg.ssf_std
     if jnp.dtype(self.cfg.dtype) == jnp.float32:
-      return LayerNorm(eps, name=name)(x, affine=False)
-    return LayerNorm(eps, name=name)(x), None
+      return LayerNorm(eps, std, name=name)(x, affine=False)
+    return LayerNorm(eps, std, name=name)(x), None
 
   def _drop_path(self, y_BxTxD):
     """Per-example stochastic depth of a residual branch, kept ones scaled by 1/(1-rate)."""
@@ -288,9 +315,9 @@ class MultiHeadDotProductAttention(nn.Module):
     mask = {n: _mask_for(self.adapter, masks, n) for n in ("query", "key", "value", "out")}
     projs = {}
     for name in ("query", "key", "value"):
-      proj = Projection((d,), (h, dh), _adapter_for(self.adapter, name), name=name)()
+      proj = Projection((d,), (h, dh), _adapter_for(self.adapter, name), c.ssf_std, name=name)()
       projs[name] = kernels.fold_affine(proj, ln_affine, mask[name])
-    projs["out"] = Projection((h, dh), (d,), _adapter_for(self.adapter, "out"), name="out")()
+    projs["out"] = Projection((h, dh), (d,), _adapter_for(self.adapter, "out"), c.ssf_std, name="out")()
 
     # One fused matmul for the frozen q/k/v kernels; the adapters add their low-rank parts.
     w_qkv = jnp.concatenate([projs[n][0] for n in ("query", "key", "value")], axis=1)
@@ -325,9 +352,9 @@ class MlpBlock(nn.Module):
     d = x_BxTxD.shape[-1]
 
     mask0 = _mask_for(self.adapter, masks, "Dense_0")
-    p0 = Projection((d,), (c.mlp_dim,), _adapter_for(self.adapter, "Dense_0"), name="Dense_0")()
+    p0 = Projection((d,), (c.mlp_dim,), _adapter_for(self.adapter, "Dense_0"), c.ssf_std, name="Dense_0")()
     p0 = kernels.fold_affine(p0, ln_affine, mask0)
-    p1 = Projection((c.mlp_dim,), (d,), _adapter_for(self.adapter, "Dense_1"), name="Dense_1")()
+    p1 = Projection((c.mlp_dim,), (d,), _adapter_for(self.adapter, "Dense_1"), c.ssf_std, name="Dense_1")()
     y = _activation(c)(_dense(x_BxTxD, p0, mask0, dt))
     return _dense(y, p1, _mask_for(self.adapter, masks, "Dense_1"), dt)
 
@@ -337,11 +364,13 @@ class Projection(nn.Module):
 
   Returns (kernel (d_in, d_out), bias (d_out,), lora) where lora is None or the tuple
   (lora_a, lora_b, lora_log_scale). The parent does the maths, so that projections that share
-  an input can be fused into one matmul.
+  an input can be fused into one matmul. With ssf_std, the SSF scale and shift of the output
+  are declared here and returned folded into kernel and bias (ssf.py).
   """
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
   adapter: dmlora.AdapterSpec | None = None
+  ssf_std: float | None = None  # SSF on this projection's output (its init std); None = none
 
   @nn.compact
   def __call__(self):
@@ -350,6 +379,10 @@ class Projection(nn.Module):
                                                                out_axis=tuple(range(len(self.in_shape), len(self.in_shape) + len(self.out_shape)))),
                         (*self.in_shape, *self.out_shape))
     bias = self.param("bias", nn.initializers.zeros, self.out_shape)
+    if self.ssf_std is not None:
+      if self.adapter is not None:
+        raise ValueError("SSF and DMLoRA branches on one projection are not a method of methods.py")
+      kernel, bias = ssf.fold(kernel, bias, *ssf.declare(self, self.out_shape, self.ssf_std))
     lora = None
     if self.adapter is not None:
       k, r = self.adapter.num_branches, self.adapter.rank
@@ -394,15 +427,19 @@ class LayerNorm(nn.Module):
   """LayerNorm in float32 with the checkpoint's eps; the names are scale and bias.
 
   With affine=False it returns (x_hat, (scale, bias)): the normalised input and the affine
-  left unapplied, for the projections that read it to fold in (`fold_affine`).
+  left unapplied, for the projections that read it to fold in (`fold_affine`). With ssf_std,
+  the SSF scale and shift of the output are declared here and folded into that affine.
   """
   eps: float = LN_EPS
+  ssf_std: float | None = None
 
   @nn.compact
   def __call__(self, x, affine: bool = True):
     d = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (d,))
     bias = self.param("bias", nn.initializers.zeros, (d,))
+    if self.ssf_std is not None:
+      scale, bias = ssf.fold(scale, bias, *ssf.declare(self, (d,), self.ssf_std))
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
