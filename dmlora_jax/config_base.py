@@ -89,6 +89,21 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dora.targets = ("query", "key", "value")
   c.dora.init = "kaiming_uniform"  # of A, as PEFT
 
+  # AdaLoRA (method=adalora), PEFT's AdaLoraConfig and its schedule (adalora.py). The budget
+  # falls from rank (init_r) to target_rank triplets per module on average; tinit and tfinal
+  # are fractions of the stage-1 steps (PEFT counts them in steps).
+  c.adalora = ml_collections.ConfigDict()
+  c.adalora.rank = 12  # init_r: triplets per module at the start (1.5 x the target, as the paper)
+  c.adalora.target_rank = 8  # target_r
+  c.adalora.alpha = 8.0  # PEFT's lora_alpha: the update is (alpha / rank) P diag(Lambda) Q
+  c.adalora.targets = ("query", "key", "value")
+  c.adalora.tinit = 0.1  # warm-up without pruning
+  c.adalora.tfinal = 0.2  # final fine-tuning at the fixed rank pattern
+  c.adalora.delta_t = 10  # steps between re-allocations
+  c.adalora.beta1 = 0.85  # smoothing of the sensitivity
+  c.adalora.beta2 = 0.85  # smoothing of its uncertainty
+  c.adalora.orth_reg_weight = 0.5
+
   # SSF (method=ssf): gamma ~ N(1, init_std^2), beta ~ N(0, init_std^2) as the official code's
   # init_ssf_scale_shift (0.02); 0 starts at the identity (exactly the backbone).
   c.ssf = ml_collections.ConfigDict()
@@ -240,7 +255,7 @@ LATER_KEYS = {"model.attention": "auto", "parallel": "pmap", "model.num_heads": 
               "model.activation": "gelu", "model.pool": "token", "model.patch_bias": True, "model.layer_norm_eps": 1e-6}
 
 # The config blocks of the comparison methods (a Method's `module` or `config_block` -> prefix).
-METHOD_BLOCKS = {"ssf": "ssf.", "vpt": "vpt.", "dora": "dora."}
+METHOD_BLOCKS = {"ssf": "ssf.", "vpt": "vpt.", "dora": "dora.", "adalora": "adalora."}
 
 
 def other_methods_keys(config) -> tuple[str, ...]:
@@ -334,7 +349,13 @@ def validate(config) -> None:
     bad = [t for t in d.targets if t not in ALL_TARGETS]
     _check(bool(d.targets) and not bad, f"{blk}.targets", tuple(d.targets),
            f"unknown target(s) {bad or '(none given)'}; choose from {', '.join(ALL_TARGETS)}")
-    _one_of(f"{blk}.init", d.init, ("kaiming_uniform", "gaussian"))
+    if "init" in d:
+      _one_of(f"{blk}.init", d.init, ("kaiming_uniform", "gaussian"))
+    if method.adalora:
+      _check(1 <= d.target_rank <= d.rank, "adalora.target_rank", d.target_rank, f"must be in [1, adalora.rank={d.rank}]")
+      _check(0 <= d.tinit and 0 <= d.tfinal and d.tinit + d.tfinal < 1, "adalora.tinit", d.tinit,
+             f"tinit and tfinal (={d.tfinal}) must be >= 0 with tinit + tfinal < 1 (fractions of stage 1)")
+      _check(d.delta_t >= 1, "adalora.delta_t", d.delta_t, "must be >= 1")
     k = 1 if method.branches == "one" else d.num_branches
     if k > 1 and d.split_rank:
       _check(d.rank % d.num_branches == 0 and d.rank >= d.num_branches, "dmlora.split_rank", True,

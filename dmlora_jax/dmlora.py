@@ -34,7 +34,8 @@ LORA_A = "lora_a"
 LORA_B = "lora_b"
 LORA_LOG_SCALE = "lora_log_scale"
 DORA_MAGNITUDE = "dora_magnitude"  # DoRA's m (dora.py)
-ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_LOG_SCALE, DORA_MAGNITUDE)
+ADALORA_E = "adalora_e"  # AdaLoRA's singular values Lambda (adalora.py)
+ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_LOG_SCALE, DORA_MAGNITUDE, ADALORA_E)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class AdapterSpec:
   targets: Sequence[str] = ("query", "key", "value")
   init: str = "kaiming_uniform"  # kaiming_uniform | gaussian
   dora: bool = False  # DoRA: one branch, and a magnitude vector per projection (dora.py)
+  adalora: bool = False  # AdaLoRA: one branch in SVD form P diag(Lambda) Q (adalora.py)
 
   def __post_init__(self):
     from dmlora_jax.config_base import ALL_TARGETS
@@ -59,8 +61,8 @@ class AdapterSpec:
                        f"choose from {ALL_TARGETS}")
     if not self.alpha > 0:
       raise ValueError(f"dmlora.alpha must be > 0 (the scales are stored as log alpha_l), got {self.alpha}")
-    if self.dora and self.num_branches != 1:
-      raise ValueError(f"DoRA has one branch, got num_branches={self.num_branches}")
+    if (self.dora or self.adalora) and self.num_branches != 1:
+      raise ValueError(f"DoRA and AdaLoRA have one branch, got num_branches={self.num_branches}")
     if self.init not in ("kaiming_uniform", "gaussian"):
       raise ValueError(f"dmlora.init must be 'kaiming_uniform' or 'gaussian', got {self.init!r}")
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from dmlora_jax import dmlora, dora, ssf, vpt
+from dmlora_jax import adalora, dmlora, dora, ssf, vpt
 from dmlora_jax.pytrees import flatten, unflatten
 
 Params = Mapping[str, Any]
@@ -39,7 +39,9 @@ def merge_params(params: Params) -> dict:
   for module in adapted_modules(params):
     kernel = flat[f"{module}/kernel"]
     a, b, s = (flat[f"{module}/{leaf}"] for leaf in (dmlora.LORA_A, dmlora.LORA_B, dmlora.LORA_LOG_SCALE))
-    if f"{module}/{dmlora.DORA_MAGNITUDE}" in flat:  # DoRA: the kernel the forward pass builds
+    if f"{module}/{dmlora.ADALORA_E}" in flat:  # AdaLoRA: W + (alpha / r) P diag(Lambda) Q
+      merged = adalora.effective_kernel(kernel.reshape(a.shape[1], -1), a, b, flat[f"{module}/{dmlora.ADALORA_E}"], s)
+    elif f"{module}/{dmlora.DORA_MAGNITUDE}" in flat:  # DoRA: the kernel the forward pass builds
       merged = dora.effective_kernel(kernel.reshape(a.shape[1], -1), a, b, s, flat[f"{module}/{dmlora.DORA_MAGNITUDE}"])
     else:
       delta = dmlora.delta_kernel(a, b, s)

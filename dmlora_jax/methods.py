@@ -29,6 +29,7 @@ class Method:
   settings: tuple = ()  # (config key, value) pairs the method fixes, e.g. the 2S-LS granularity
   config_block: str = "dmlora"  # the config block of its adapter: rank, alpha, targets, init
   dora: bool = False  # DoRA's magnitude/direction split on the one branch (dora.py)
+  adalora: bool = False  # AdaLoRA's SVD form and budgeted rank allocation (adalora.py)
   module: str = ""  # a module of its own in the ViT: "ssf" (ssf.py) | "vpt" (vpt.py); "" = none
   merges: bool = True  # its trained params fold into a plain ViT (merged.npz, merged.safetensors)
 
@@ -69,8 +70,8 @@ class Method:
     d = config[self.config_block]
     k = 1 if self.branches == "one" else d.num_branches
     rank = d.rank // k if k > 1 and d.split_rank else d.rank
-    return dmlora.AdapterSpec(num_branches=k, rank=rank, alpha=d.alpha, targets=tuple(d.targets), init=d.init,
-                              dora=self.dora)
+    return dmlora.AdapterSpec(num_branches=k, rank=rank, alpha=d.alpha, targets=tuple(d.targets),
+                              init=d.get("init", "kaiming_uniform"), dora=self.dora, adalora=self.adalora)
 
 
 _ADAPTER = frozenset({BRANCHES, HEAD})
@@ -86,6 +87,8 @@ METHODS = {m.name: m for m in [
            stage1_of="dropout", settings=(("stage2.granularity", "block"),)),
     Method("dora", "DoRA: one LoRA branch on the direction, a trained magnitude per output unit", "one", False,
            False, _ADAPTER, config_block="dora", dora=True),
+    Method("adalora", "AdaLoRA: an SVD-form update whose triplets are pruned to a budget by importance", "one",
+           False, False, _ADAPTER, config_block="adalora", adalora=True),
     Method("ssf", "SSF: a learned scale and shift after every linear layer, LayerNorm and the patch embedding",
            "none", False, False, frozenset({PEFT, HEAD}), module="ssf"),
     Method("vpt_deep", "VPT-deep: learned prompt tokens at every block's input (no merged model)", "none", False,

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dmlora_jax import dmlora, methods, partition
+from dmlora_jax import adalora, dmlora, methods, partition
 from dmlora_jax.partition import BRANCHES, FROZEN, HEAD, SCALE
 
 PyTree = Any
@@ -183,6 +183,11 @@ def make_optimizer(method: methods.Method, stage: int, total_steps: int,
                                             end_value=s1.min_lr)
     tx = masked_adamw(lr, weight_decay=s1.weight_decay, decay_mask=_decay_mask, unit_ndim=_branch_units)
     txs = {lab: tx for lab in on}
+    if method.adalora:  # its regulariser and budget masking around the branch leaves' AdamW
+      a = c.adalora
+      txs[BRANCHES] = adalora.adalora_tx(tx, adalora.Schedule(
+          a.rank, a.target_rank, total_steps, int(a.tinit * total_steps), int(a.tfinal * total_steps), a.delta_t,
+          a.beta1, a.beta2, a.orth_reg_weight))
   else:
     lr = optax.cosine_decay_schedule(c.stage2.lr, max(total_steps, 1), alpha=s1.min_lr / s1.lr)
     scale_tx = masked_adamw(lr)

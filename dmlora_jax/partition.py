@@ -23,7 +23,7 @@ RULES = (
      r"|Transformer/posembed_input/pos_embedding|Transformer/encoderblock_\d+/ls[12]"
      r"|MAPHead_0/probe|MAPHead_0/(\w+/)*\w+/(kernel|bias|scale)"
      r"|Transformer/(encoderblock_\d+/)?(\w+/)*\w+/(kernel|bias|scale))$", FROZEN),
-    (r"^.*/(lora_[ab]|dora_magnitude)$", BRANCHES),
+    (r"^.*/(lora_[ab]|dora_magnitude|adalora_e)$", BRANCHES),
     (r"^.*/lora_log_scale$", SCALE),
     (r"^head/(kernel|bias)$", HEAD),
     (r"^(.*/)?ssf_(scale|shift)$|^Transformer/vpt_prompts$", PEFT),

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmlora_jax import dmlora, dora, kernels, ssf, vpt
+from dmlora_jax import adalora, dmlora, dora, kernels, ssf, vpt
 
 # name -> (width, depth, heads, mlp_dim)
 VARIANTS = {
@@ -386,6 +386,8 @@ class Projection(nn.Module):
     lora = None
     if self.adapter is not None:
       k, r = self.adapter.num_branches, self.adapter.rank
+      if self.adapter.adalora:  # its own initialisers: declared in its branch below
+        return self._adalora(kernel, bias, d_in, d_out, r)
       a = self.param(dmlora.LORA_A, dmlora.lora_a_init(self.adapter.init), (k, d_in, r))
       b = self.param(dmlora.LORA_B, nn.initializers.zeros, (k, r, d_out))
       s = self.param(dmlora.LORA_LOG_SCALE, nn.initializers.constant(math.log(self.adapter.alpha)), ())
@@ -394,6 +396,14 @@ class Projection(nn.Module):
         m = self.param(dmlora.DORA_MAGNITUDE, nn.initializers.ones, (d_out,))
         return dora.effective_kernel(kernel.reshape(d_in, d_out), a, b, s, m), bias.reshape(d_out), None
     return kernel.reshape(d_in, d_out), bias.reshape(d_out), lora
+
+  def _adalora(self, kernel, bias, d_in, d_out, r):
+    """W' = W + (alpha / r) P diag(Lambda) Q as the kernel; P, Q ~ N(0, 0.02^2), Lambda = 0 (PEFT)."""
+    a = self.param(dmlora.LORA_A, nn.initializers.normal(0.02), (1, d_in, r))
+    b = self.param(dmlora.LORA_B, nn.initializers.normal(0.02), (1, r, d_out))
+    e = self.param(dmlora.ADALORA_E, nn.initializers.zeros, (r,))
+    s = self.param(dmlora.LORA_LOG_SCALE, nn.initializers.constant(math.log(self.adapter.alpha)), ())
+    return adalora.effective_kernel(kernel.reshape(d_in, d_out), a, b, e, s), bias.reshape(d_out), None
 
 
 def _adapter_for(adapter, name):
