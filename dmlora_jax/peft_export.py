@@ -12,6 +12,7 @@ is zero outside each target's output rows (rank_pattern / alpha_pattern say so f
 The trained head goes in `modules_to_save`. DoRA (dora.py) is PEFT's `use_dora`: its
 magnitude vector per output unit is PEFT's `lora_magnitude_vector`, and since each output row
 of the fused qkv belongs to one of q, k, v, DoRA on each equals DoRA on the fused Linear.
+AdaLoRA (adalora.py) is PEFT's ADALORA adapter (`_adalora_adapter`).
 
 What is exact: the adapted logits in evaluation (all branches, no dropout), given the same base
 weights. What is not carried: branch dropout and the drop schedule (a training-time thing: PEFT
@@ -62,6 +63,8 @@ def peft_adapter(params) -> tuple[dict[str, np.ndarray], dict]:
       raise timm_format.FormatError(f"no PEFT adapter: {m} has no timm counterpart")
     block, proj = match.groups()
     by_linear.setdefault(f"blocks.{block}.{TIMM_MODULE[proj]}", {})[proj] = m
+  if any(k.endswith("/" + dmlora.ADALORA_E) for k in flat):
+    return _adalora_adapter(flat, by_linear)
   use_dora = any(k.endswith("/" + dmlora.DORA_MAGNITUDE) for k in flat)
   sd, ranks = {}, {}
   for linear, projs in sorted(by_linear.items()):
@@ -102,6 +105,55 @@ def peft_adapter(params) -> tuple[dict[str, np.ndarray], dict]:
       "auto_mapping": {"base_model_class": "VisionTransformer", "parent_library": "timm.models.vision_transformer"},
   }
   return sd, config
+
+
+def _adalora_adapter(flat, by_linear) -> tuple[dict[str, np.ndarray], dict]:
+  """AdaLoRA as PEFT's ADALORA adapter: lora_A (R, in) = P^T, lora_E (R, 1), lora_B (out, R) = Q^T
+  per timm Linear (q/k/v block-structured on the fused qkv, R = their ranks summed). PEFT starts
+  every module at init_r rows (the largest R); rank_pattern (True for the module's R rows)
+  resizes each to its R on load, and its scale stays lora_alpha / (init_r + 1e-5) (PEFT keeps
+  ranknum at init_r through the resize): lora_alpha = 1, and each module's own
+  alpha / (r + 1e-5) * (init_r + 1e-5) is folded into Lambda.
+  Pruned triplets travel as Lambda_i = 0."""
+  sd, pattern = {}, {}
+  for linear, projs in sorted(by_linear.items()):
+    order = [p for p in QKV if p in projs] if linear.endswith("attn.qkv") else list(projs)
+    ps, es, qs, cols = [], [], [], []
+    for p in order:
+      m = projs[p]
+      a, q, e = (np.asarray(flat[f"{m}/{leaf}"], np.float64)[0] if leaf != dmlora.ADALORA_E else
+                 np.asarray(flat[f"{m}/{leaf}"], np.float64) for leaf in (dmlora.LORA_A, dmlora.LORA_B, dmlora.ADALORA_E))
+      scale = np.exp(np.float64(flat[f"{m}/{dmlora.LORA_LOG_SCALE}"])) / (e.shape[0] + 1e-5)
+      ps.append(a), es.append(e * scale), qs.append(q), cols.append(QKV.index(p) if p in QKV else 0)
+    rank = sum(e.shape[0] for e in es)
+    d_out = qs[0].shape[1]
+    b = np.zeros((rank, d_out * (3 if linear.endswith("attn.qkv") else 1)))
+    row = 0
+    for j, q in zip(cols, qs):
+      b[row:row + q.shape[0], j * d_out:(j + 1) * d_out] = q
+      row += q.shape[0]
+    sd[f"{PREFIX}{linear}.lora_A"] = np.concatenate(ps, axis=1).T.astype(np.float32)
+    sd[f"{PREFIX}{linear}.lora_E"] = np.concatenate(es)[:, None]  # times (init_r + 1e-5) below
+    sd[f"{PREFIX}{linear}.lora_B"] = b.T.astype(np.float32)
+    pattern[f"{linear}.lora_E"] = rank
+  if "head/kernel" in flat:
+    sd[PREFIX + "head.weight"] = np.ascontiguousarray(np.asarray(flat["head/kernel"], np.float32).T)
+    sd[PREFIX + "head.bias"] = np.asarray(flat["head/bias"], np.float32)
+  init_r = max(pattern.values())
+  for n in pattern:
+    key = f"{PREFIX}{n}"
+    sd[key] = (sd[key] * (init_r + 1e-5)).astype(np.float32)
+  names = sorted({n.split(".", 2)[2].rsplit(".", 1)[0] for n in pattern})
+  config = {
+      "peft_type": "ADALORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+      "r": init_r, "init_r": init_r, "target_r": init_r, "lora_alpha": 1, "total_step": 1,
+      "rank_pattern": {n: [True] * r + [False] * (init_r - r) for n, r in pattern.items()},
+      "target_modules": r"blocks\.\d+\.(" + "|".join(re.escape(n) for n in names) + ")",
+      "modules_to_save": ["head"] if "head/kernel" in flat else None, "lora_dropout": 0.0, "bias": "none",
+      "fan_in_fan_out": False, "init_lora_weights": True,
+      "auto_mapping": {"base_model_class": "VisionTransformer", "parent_library": "timm.models.vision_transformer"},
+  }
+  return {k: np.ascontiguousarray(v) for k, v in sd.items()}, config
 
 
 def export_peft(params, out_dir: str) -> str:

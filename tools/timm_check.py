@@ -44,6 +44,7 @@ FAMILIES = {
     "gap": (dict(gelu_approximate=False, pool="avg"), "global_pool=avg"),
     "map": (dict(gelu_approximate=False, pool="map"), "global_pool=map"),
     "dora": (dict(gelu_approximate=False), ""),  # DoRA on the plain family (PEFT use_dora)
+    "adalora": (dict(gelu_approximate=False), ""),  # AdaLoRA on the plain family (PEFT ADALORA)
 }
 
 
@@ -61,6 +62,7 @@ def write(out: str, families=tuple(FAMILIES)) -> None:
     d = os.path.join(out, tag)
     os.makedirs(d, exist_ok=True)
     spec = (dmlora.AdapterSpec(num_branches=1, rank=2, targets=ALL_TARGETS, dora=True) if tag == "dora" else
+            dmlora.AdapterSpec(num_branches=1, rank=3, targets=ALL_TARGETS, adalora=True) if tag == "adalora" else
             dmlora.AdapterSpec(num_branches=3, rank=2, targets=ALL_TARGETS))
     model = vit.ViT(vit.parse_variant("tiny/4", 10, **FAMILIES[tag][0]), spec)
     params = model.init(jax.random.key(0), x[:1])["params"]
@@ -83,7 +85,7 @@ def _timm_model(tag):
   import functools
   import torch.nn as nn
   from timm.models.vision_transformer import VisionTransformer
-  kw = {"plain_tanh": dict(act_layer=functools.partial(nn.GELU, approximate="tanh")), "plain": {}, "dora": {},
+  kw = {"plain_tanh": dict(act_layer=functools.partial(nn.GELU, approximate="tanh")), "plain": {}, "dora": {}, "adalora": {},
         "dinov2_reg": dict(init_values=1e-5, reg_tokens=2, no_embed_class=True),
         "clip": dict(pre_norm=True, act_layer="quick_gelu", norm_layer=nn.LayerNorm),
         "gap": dict(global_pool="avg"), "map": dict(global_pool="map")}[tag]
