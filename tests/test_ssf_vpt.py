@@ -229,7 +229,7 @@ def _config(method):
                                                           "keep_checkpoints": 5, "vpt.num_prompts": 4})
 
 
-@pytest.fixture(scope="module", params=["ssf", "vpt_deep"])
+@pytest.fixture(scope="module", params=["ssf", "vpt_deep", "adalora"])  # adalora: its allocator's state resumes too
 def run(request, tmp_path_factory):
   wd = str(tmp_path_factory.mktemp(request.param))
   c = _config(request.param)
@@ -243,7 +243,9 @@ def test_run_counts_exports_and_checkpoints_only_its_own_leaves(run):
   assert res["trainable_params"] == sum(np.size(flatten(s.params)[k]) for k in own) + 32 * 10 + 10
   assert res["method"] == method and res["stage2_steps"] == 0
   files = set(os.listdir(wd))
-  if method == "ssf":
+  if method == "adalora":
+    assert {"merged.npz", "merged.safetensors", "adapter"} <= files
+  elif method == "ssf":
     assert {"merged.npz", "merged.safetensors"} <= files and "prompts.npz" not in files
     merged = npz.load_npz(os.path.join(wd, "merged.npz"))
     assert not any(k.rsplit("/", 1)[-1] in vit.ADDED_LEAVES for k in merged)
@@ -261,7 +263,7 @@ def test_run_counts_exports_and_checkpoints_only_its_own_leaves(run):
 def test_eval_and_export_modes_reproduce_the_run(run, tmp_path, capsys):
   method, wd, c, res = run
   wd = str(shutil.copytree(wd, tmp_path / "copy"))
-  name = "merged.npz" if method == "ssf" else "prompts.npz"
+  name = "prompts.npz" if method == "vpt_deep" else "merged.npz"
   before = npz.load_npz(os.path.join(wd, name))
   os.remove(os.path.join(wd, name))
   trainer.export_from_checkpoint(c, wd)
@@ -273,7 +275,7 @@ def test_eval_and_export_modes_reproduce_the_run(run, tmp_path, capsys):
     assert len(notes) == 1 and "prompts" in notes[0] and not os.path.exists(os.path.join(wd, "merged.npz"))
   acc = trainer.evaluate_checkpoint(c, wd)
   assert acc["test"] == pytest.approx(res["accuracy"]["test"], abs=1.5e-3)
-  assert json.load(open(os.path.join(wd, "eval.json")))["from"].startswith("merged" if method == "ssf" else "unmerged")
+  assert json.load(open(os.path.join(wd, "eval.json")))["from"].startswith("unmerged" if method == "vpt_deep" else "merged")
 
 
 def test_resume_from_a_middle_checkpoint_is_bitwise_exact(run, tmp_path, capsys):
@@ -286,7 +288,7 @@ def test_resume_from_a_middle_checkpoint_is_bitwise_exact(run, tmp_path, capsys)
   res2 = trainer.train_and_evaluate(c, wd2)
   assert "Resumed from checkpoint step 10 " in capsys.readouterr().out
   assert res2["accuracy"] == res["accuracy"]
-  name = "merged.npz" if method == "ssf" else "prompts.npz"
+  name = "prompts.npz" if method == "vpt_deep" else "merged.npz"
   a, b = npz.load_npz(os.path.join(wd, name)), npz.load_npz(os.path.join(wd2, name))
   assert set(a) == set(b)
   for k in a:
