@@ -74,8 +74,10 @@ def t975(df: int) -> float:
   return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
 
 
-# The comparisons the method makes: each part of DMLoRA against the row without it.
-PAIRS = (("dmlora", "lora"), ("dropout", "multibranch"), ("dmlora", "dropout"), ("multibranch", "lora"))
+# The comparisons the method makes: each part of DMLoRA against the row without it; then
+# DMLoRA against each comparison method (reported where both rows ran).
+PAIRS = (("dmlora", "lora"), ("dropout", "multibranch"), ("dmlora", "dropout"), ("multibranch", "lora"),
+         ("dmlora", "dora"), ("dmlora", "adalora"), ("dmlora", "ssf"), ("dmlora", "vpt_deep"))
 
 
 def paired_differences(runs: dict, pairs=PAIRS) -> list[dict]:
