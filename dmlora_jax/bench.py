@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmlora_jax import config_base, hostmem, merge, methods, pytrees, setup, steps
+from dmlora_jax import config_base, hostmem, layout, merge, methods, pytrees, setup, steps
 from dmlora_jax.data import normalize
 
 
@@ -247,7 +247,8 @@ def _merged_vs_plain(a, c, state_dev, eval_batch, adapter_eval_c) -> dict:
   merged = merge.merge_params(pytrees.join(host.frozen, host.trainable))
   plain_model = setup.build_model(c, a.num_classes)
   x0 = jnp.zeros((1, a.image_size, a.image_size, 3), jnp.float32)
-  plain = jax.tree.map(np.asarray, jax.jit(plain_model.init)(jax.random.key(2), x0)["params"])
+  # Public layout, as the merged params (with model.scan_layers both are stacked in the step).
+  plain = jax.tree.map(np.asarray, layout.unstack(jax.jit(plain_model.init)(jax.random.key(2), x0)["params"]))
   ev = steps.pmap_eval_step(steps.make_eval_step(plain_model, "imagenet"))
 
   def eval_state(params):  # every leaf in `frozen`: eval only joins the two
@@ -287,8 +288,8 @@ def _merged_logits(model, c, state_dev, images) -> dict:
   params = pytrees.join(host.frozen, host.trainable)
   x = normalize(jnp.asarray(images), "imagenet")
   plain = setup.build_model(c, model.cfg.num_classes)
-  adapter = np.asarray(jax.jit(model.apply)({"params": params}, x), np.float64)
-  merged = np.asarray(jax.jit(plain.apply)({"params": merge.merge_params(params)}, x), np.float64)
+  adapter = np.asarray(jax.jit(model.apply)({"params": layout.for_model(model, params)}, x), np.float64)
+  merged = np.asarray(jax.jit(plain.apply)({"params": layout.for_model(plain, merge.merge_params(params))}, x), np.float64)
   return {"merged_logits_max_abs_diff": float(np.max(np.abs(adapter - merged))),
           "logits_max_abs": float(np.max(np.abs(adapter))), "logits_images": int(len(images))}
 

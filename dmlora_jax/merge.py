@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from dmlora_jax import dmlora, dora
+from dmlora_jax import dmlora, dora, layout
 from dmlora_jax.pytrees import flatten, unflatten
 
 Params = Mapping[str, Any]
@@ -24,7 +24,9 @@ def adapted_modules(params: Params) -> list[str]:
 
 
 def merge_params(params: Params) -> dict:
-  """Returns a plain-ViT param tree with every branch set merged into its kernel."""
+  """Returns a plain-ViT param tree with every branch set merged into its kernel, in the
+  public layout (a stacked or partly stacked tree, config.model.scan_layers, is unstacked first)."""
+  params = layout.unstack(params)
   flat = flatten(params)
   out = {k: v for k, v in flat.items() if k.rsplit("/", 1)[-1] not in dmlora.ADAPTER_LEAVES}
   for module in adapted_modules(params):
