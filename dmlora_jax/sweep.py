@@ -207,9 +207,10 @@ def read_results(workdir: str) -> dict | None:
 
 
 def stale_keys(results: dict, config) -> list[str]:
-  want, have = flatten(config), results.get("config", {})
-  # A run written before a key existed ran at the key's default (config_base.LATER_KEYS).
-  have = {**{k: v for k, v in config_base.LATER_KEYS.items() if k not in have}, **have}
+  want, have = config_base.canonical(flatten(config)), results.get("config", {})
+  # A run written before a key existed ran at the key's default (config_base.LATER_KEYS);
+  # model.remat compares as its policy (a run's False is today's "none").
+  have = config_base.canonical({**{k: v for k, v in config_base.LATER_KEYS.items() if k not in have}, **have})
   return sorted(k for k in set(want) | set(have) if k not in IRRELEVANT_KEYS and want.get(k) != have.get(k))
 
 
