@@ -17,7 +17,9 @@ LayerNorm_0, MlpBlock_0}` (attention pooling, big_vision's names); a position em
 
 With an `AdapterSpec`, every targeted projection also holds the DMLoRA leaves `lora_a`
 (K, d_in, r), `lora_b` (K, r, d_out) and `lora_log_scale` () = log alpha_l, in its matrix
-view; the stored kernels keep their checkpoint shapes. Without one, the same code is a
+view; the stored kernels keep their checkpoint shapes. With ViTConfig.scan_layers the blocks
+run under nn.scan and their params are stacked over depth under `Transformer/encoderblock`
+(layout.py converts; everything outside the step keeps the layout above). Without one, the same code is a
 plain ViT (no adapter code runs), which is what a merged export is run with.
 
 The module reads top-down: the model (ViT), its parts, then the projection helpers. The
@@ -76,6 +78,8 @@ def _remat(block_cls, policy: str, prevent_cse: bool = True):
     return block_cls
   saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
   return nn.remat(block_cls, policy=saveable, prevent_cse=prevent_cse)
+
+
 ACTIVATIONS = ("gelu", "quick_gelu")
 POOLS = ("token", "avg", "map")
 
@@ -266,7 +270,6 @@ class Transformer(nn.Module):
     if c.pool == "avg":  # timm: the final norm becomes fc_norm, after pooling
       return x
     return LayerNorm(c.layer_norm_eps, name="encoder_norm")(x)
-
 
   def _scanned(self, x, masks, rates):
     """The blocks as one nn.scan over depth: one block body compiled once, its params stacked

@@ -76,11 +76,12 @@ def _setup(scan: bool, **over):
   return setup.build(config_base.resolve(c), 5)
 
 
-def test_one_train_step_and_the_merge_agree_scanned_and_unrolled():
-  """The real step of steps.py (branch masks on, Adam): the trainable leaves after one step,
-  and the merge of the result, equal the unrolled model's; checkpoints' trainable leaves are
-  public in both."""
-  ref = _setup(False)
+@pytest.mark.parametrize("method,stage", [("dmlora", 1), ("dmlora_block", 2)])
+def test_one_train_step_and_the_merge_agree_scanned_and_unrolled(method, stage):
+  """The real step of steps.py (stage 1: branch masks on, AdamW; stage 2: 2S-LS with one
+  alpha per block): the trainable leaves after one step, and the merge of the result, equal the
+  unrolled model's; the trainable leaves (what checkpoints hold) are public in both."""
+  ref = _setup(False, method=method)
   c = ref.config.copy_and_resolve_references()
   c.model.scan_layers = True
   s = dataclasses.replace(ref, config=c, model=setup.build_model(c, 5, ref.adapter))
@@ -88,22 +89,27 @@ def test_one_train_step_and_the_merge_agree_scanned_and_unrolled():
   trainable = jax.tree.map(lambda x: (rng.standard_normal(x.shape) * 0.2).astype(x.dtype), ref.trainable)
   # the same starting point (a scanned init draws other numbers): the unrolled run's params
   assert not layout.is_stacked(s.trainable) and layout.is_stacked(s.device_frozen())
-  plan = setup.Plan(steps_per_epoch=4, stage1_steps=4, stage2_steps=0)
+  plan = setup.Plan(steps_per_epoch=4, stage1_steps=4, stage2_steps=4)
   batch = {"image": rng.integers(0, 256, (1, 8, 16, 16, 3), dtype=np.uint8),
            "label": rng.integers(0, 5, (1, 8)).astype(np.int32)}
   out = {}
   for name, su in (("unrolled", ref), ("scanned", s)):
-    tx, _ = su.optimizer(1, plan)
-    sc = su.step_config(1, plan)
-    assert sc.uses_masks
+    tx, _ = su.optimizer(stage, plan)
+    sc = su.step_config(stage, plan)
+    assert sc.uses_masks == (stage == 1)
     fn = steps.pmap_train_step(steps.make_train_step(su.model, tx, sc))
-    state, metrics = fn(steps.replicate(su.host_state(1, plan, trainable)), batch, jax.random.key(7))
+    state, metrics = fn(steps.replicate(su.host_state(stage, plan, trainable, step=4 * (stage - 1))), batch,
+                        jax.random.key(7))
     out[name] = (flatten(steps.unreplicate(state.trainable)), float(np.asarray(metrics["loss"])[0]))
   (a, la), (b, lb) = out["unrolled"], out["scanned"]
   assert la == pytest.approx(lb, abs=1e-6)
   assert a.keys() == b.keys()
   moved = [k for k in a if not np.array_equal(a[k], flatten(trainable)[k])]
   assert moved  # the step did something
+  if stage == 2:  # only the scales move, one value per block: the modules of a block alike
+    assert all(k.endswith(dmlora.LORA_LOG_SCALE) for k in moved)
+    blk = {k: a[k] - flatten(trainable)[k] for k in moved if "encoderblock_1/" in k}
+    assert len(blk) > 1 and np.allclose(list(blk.values()), list(blk.values())[0], atol=1e-7)
   for k in a:
     np.testing.assert_allclose(b[k], a[k], atol=1e-6, err_msg=k)
   # the merge: public layout from both, equal; a stacked tree merges to the same
