@@ -27,6 +27,7 @@ XLA flags, if any, come from the XLA_FLAGS environment variable and are recorded
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,19 +44,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmlora_jax import config_base, hostmem, merge, methods, pytrees, setup, steps
+from dmlora_jax import config_base, hostmem, layout, merge, methods, partition, pytrees, setup, steps, vit
 from dmlora_jax.data import normalize
 
 
 
 # ---- helpers ----
 
-def _config(a: argparse.Namespace, method: str, num_branches: int, rank: int, dtype: str = "", remat: int = -1):
+def _config(a: argparse.Namespace, method: str, num_branches: int, rank: int, dtype: str = "", remat: str = "",
+            scan_layers: int = -1):
   c = config_base.get_base_config()
   c.method = method
   c.model.variant = a.variant
   c.model.dtype = dtype or a.dtype
-  c.model.remat = bool(a.remat if remat < 0 else remat)
+  c.model.remat = vit.remat_policy(remat or a.remat)
+  c.model.scan_layers = bool(a.scan_layers if scan_layers < 0 else scan_layers)
   c.data.image_size = a.image_size
   c.batch_size = a.batch_size
   c.dmlora.num_branches = max(num_branches, 1)
@@ -145,7 +148,7 @@ class Row:
   at a time, so that several rows can be interleaved (fair on a shared machine)."""
 
   def __init__(self, a: argparse.Namespace, method: str, num_branches: int, rank: int, dtype: str = "",
-               remat: int = -1):
+               remat: str = ""):
     self.a, self.method = a, method
     c = self.config = config_base.resolve(_config(a, method, num_branches, rank, dtype, remat))
     s = setup.build(c, a.num_classes)  # the model and params exactly as a training run builds them
@@ -197,7 +200,8 @@ class Row:
     step_s, eval_s = statistics.median(self.train_times), statistics.median(self.eval_times)
     out = {
         "method": self.method, "num_branches": ad.num_branches if ad else 0, "rank": ad.rank if ad else 0,
-        "dtype": self.config.model.dtype, "remat": bool(self.config.model.remat),
+        "dtype": self.config.model.dtype, "remat": self.config.model.remat,
+        "scan_layers": self.config.model.scan_layers,
         "attention": self.config.model.attention,
         "train_images_per_s": a.batch_size / step_s, "train_step_s": step_s, "train_step_times_s": self.train_times,
         "train_step_minor_faults": self.train_faults,
@@ -247,7 +251,8 @@ def _merged_vs_plain(a, c, state_dev, eval_batch, adapter_eval_c) -> dict:
   merged = merge.merge_params(pytrees.join(host.frozen, host.trainable))
   plain_model = setup.build_model(c, a.num_classes)
   x0 = jnp.zeros((1, a.image_size, a.image_size, 3), jnp.float32)
-  plain = jax.tree.map(np.asarray, jax.jit(plain_model.init)(jax.random.key(2), x0)["params"])
+  # Public layout, as the merged params (with model.scan_layers both are stacked in the step).
+  plain = jax.tree.map(np.asarray, layout.unstack(jax.jit(plain_model.init)(jax.random.key(2), x0)["params"]))
   ev = steps.pmap_eval_step(steps.make_eval_step(plain_model, "imagenet"))
 
   def eval_state(params):  # every leaf in `frozen`: eval only joins the two
@@ -287,13 +292,17 @@ def _merged_logits(model, c, state_dev, images) -> dict:
   params = pytrees.join(host.frozen, host.trainable)
   x = normalize(jnp.asarray(images), "imagenet")
   plain = setup.build_model(c, model.cfg.num_classes)
-  adapter = np.asarray(jax.jit(model.apply)({"params": params}, x), np.float64)
-  merged = np.asarray(jax.jit(plain.apply)({"params": merge.merge_params(params)}, x), np.float64)
+  adapter = np.asarray(jax.jit(model.apply)({"params": layout.for_model(model, params)}, x), np.float64)
+  merged = np.asarray(jax.jit(plain.apply)({"params": layout.for_model(plain, merge.merge_params(params))}, x), np.float64)
   return {"merged_logits_max_abs_diff": float(np.max(np.abs(adapter - merged))),
           "logits_max_abs": float(np.max(np.abs(adapter))), "logits_images": int(len(images))}
 
 
 # ---- the run ----
+
+# --switches: name -> the row's model.remat ("" = --remat); remat is the policy `full`.
+SWITCHES = {"remat": "full", "dots": "dots", "bf16": ""}
+
 
 def _runs(a) -> list[tuple]:
   """(row name, method, K, per-branch rank[, dtype, remat]) for every row to measure."""
@@ -314,10 +323,10 @@ def _runs(a) -> list[tuple]:
   for kk in (int(x) for x in a.k_sweep.split(",") if x):
     rows.append((f"dmlora_k{kk}", "dmlora", kk, r))
   for sw in filter(None, a.switches.split(",")):
-    if sw not in ("remat", "bf16"):
-      raise ValueError(f"--switches: unknown switch {sw!r}; choose from remat, bf16")
+    if sw not in SWITCHES:
+      raise ValueError(f"--switches: unknown switch {sw!r}; choose from {', '.join(SWITCHES)}")
     for name, method, kk, rr in [x for x in rows if x[0] in ("full", "dmlora")]:
-      rows.append((f"{name}_{sw}", method, kk, rr, "bfloat16" if sw == "bf16" else "", 1 if sw == "remat" else -1))
+      rows.append((f"{name}_{sw}", method, kk, rr, "bfloat16" if sw == "bf16" else "", SWITCHES[sw]))
   if a.attention != "auto":  # e.g. dmlora_cudnn: a row beside the default's in a combined table
     rows = [(f"{x[0]}_{a.attention}", *x[1:]) for x in rows]
   return rows
@@ -339,11 +348,71 @@ def child_peak_memory(a: argparse.Namespace, spec: tuple[str, str, int, int]) ->
 
 def _child_main(a: argparse.Namespace) -> None:
   _, *spec = json.loads(a._child)
+  if a.compile_only:
+    with open(a._child_out, "w") as f:
+      json.dump(compile_row(a, *spec), f)
+    return
   row = Row(a, *spec)
   row.train_step(), row.eval_step()
   mem, source = peak_memory()
   with open(a._child_out, "w") as f:
     json.dump({"peak_memory_bytes": mem, "peak_memory_source": source}, f)
+
+
+# ---- compile only ----
+
+def compile_row(a: argparse.Namespace, method: str, num_branches: int, rank: int, dtype: str = "", remat: str = "",
+                scan_layers: int = 0) -> dict:
+  """One row's train step compiled from abstract shapes (jax.eval_shape: no parameter is
+  allocated, so ViT-H compiles on a small machine): compile seconds, XLA's memory analysis of
+  the compiled step (arguments + outputs + temporaries - aliased = what one step needs) and
+  the peak RSS of this process (compiling included). Run it in a fresh process per row."""
+  c = config_base.resolve(_config(a, method, num_branches, rank, dtype, remat, scan_layers))
+  m = methods.get(c.method)
+  adapter = m.adapter(c)
+  model = setup.build_model(c, a.num_classes, adapter)
+  x0 = jax.ShapeDtypeStruct((1, a.image_size, a.image_size, 3), jnp.float32)
+  # the public layout, as setup.init_params returns it (the unrolled model's init)
+  public_model = vit.ViT(dataclasses.replace(model.cfg, scan_layers=False), adapter)
+  params = jax.eval_shape(public_model.init, jax.random.key(0), x0)["params"]
+  trainable, frozen = partition.split(params, m.owned)
+  s = setup.Setup(c, m, adapter, model, params, trainable, frozen, "abstract", a.num_classes)
+  plan = setup.Plan(steps_per_epoch=100, stage1_steps=1000, stage2_steps=0)
+  tx, _ = s.optimizer(1, plan)
+  state = steps.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable,
+                           frozen=jax.eval_shape(lambda f: layout.for_model(model, f), frozen),
+                           opt_state=jax.eval_shape(tx.init, trainable))
+  n = jax.local_device_count()
+  dev = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + tuple(x.shape), x.dtype), t)
+  batch = {"image": jax.ShapeDtypeStruct((n, a.batch_size // n, a.image_size, a.image_size, 3), jnp.uint8),
+           "label": jax.ShapeDtypeStruct((n, a.batch_size // n), jnp.int32)}
+  train = steps.pmap_train_step(steps.make_train_step(model, tx, s.step_config(1, plan)))
+  t0 = time.perf_counter()
+  compiled = train.lower(dev(state), batch, jax.random.key(1)).compile()
+  compile_s = time.perf_counter() - t0
+  out = {"method": method, "num_branches": adapter.num_branches if adapter else 0, "rank": adapter.rank if adapter else 0,
+         "dtype": c.model.dtype, "remat": c.model.remat, "scan_layers": c.model.scan_layers, "compile_s": compile_s,
+         "trainable_params": setup.count(trainable), "total_params": setup.count(params),
+         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+  ma = compiled.memory_analysis()
+  if ma is not None:
+    for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes"):
+      out[f] = int(getattr(ma, f, 0) or 0)
+    out["step_memory_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] + out["temp_size_in_bytes"]
+                                - out["alias_size_in_bytes"])
+  return out
+
+
+def compile_table(res: dict) -> str:
+  lines = ["| row | scan | remat | trainable | total | compile s | step memory MiB (XLA: args + out + temp - alias) | "
+           "temp MiB | compiling process peak RSS MiB |", "|" + " --- |" * 9]
+  for name, m in res["methods"].items():
+    mib = lambda k: f"{m[k] / 2**20:,.0f}" if k in m else "-"
+    lines.append(f"| {name} | {int(m['scan_layers'])} | {m['remat']} | {m['trainable_params']:,} | {m['total_params']:,} | "
+                 f"{m['compile_s']:.1f} | {mib('step_memory_bytes')} | {mib('temp_size_in_bytes')} | "
+                 f"{mib('process_peak_rss_bytes')} |")
+  return "\n".join(lines)
 
 
 def hardware() -> dict:
@@ -361,11 +430,11 @@ def hardware() -> dict:
 
 def table(res: dict) -> str:
   ceil = res["matmul"]["flops_per_s"]
-  lines = ["| row | K | rank | dtype | remat | trainable | total | train img/s | step s | eval img/s | compile s | "
-           "step GFLOP | GFLOP/s | % matmul | % chip peak | peak MiB |", "|" + " --- |" * 16]
+  lines = ["| row | K | rank | dtype | remat | scan | trainable | total | train img/s | step s | eval img/s | compile s | "
+           "step GFLOP | GFLOP/s | % matmul | % chip peak | peak MiB |", "|" + " --- |" * 17]
   for name, m in res["methods"].items():
     frac = m.get("fraction_of_peak")
-    lines.append(f"| {name} | {m['num_branches']} | {m['rank']} | {m['dtype']} | {int(m['remat'])} | {m['trainable_params']:,} | {m['total_params']:,} | "
+    lines.append(f"| {name} | {m['num_branches']} | {m['rank']} | {m['dtype']} | {vit.remat_policy(m['remat'])} | {int(m.get('scan_layers', False))} | {m['trainable_params']:,} | {m['total_params']:,} | "
                  f"{m['train_images_per_s']:.2f} | {m['train_step_s']:.3f} | {m['eval_images_per_s']:.2f} | "
                  f"{m['compile_s']:.1f} | {m['step_flops'] / 1e9:.1f} | {m['achieved_flops_per_s'] / 1e9:.1f} | "
                  f"{100 * m['achieved_flops_per_s'] / ceil:.0f}% | {'-' if frac is None else f'{100 * frac:.1f}%'} | "
@@ -409,8 +478,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--targets", default="query,key,value", help="adapted projections")
   ap.add_argument("--k_sweep", default="", help="e.g. 1,2,4,8: extra dmlora_k{K} rows")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument("--remat", type=int, default=0, help="1: rematerialise each encoder block")
-  ap.add_argument("--switches", default="", help="e.g. remat,bf16: extra full_/dmlora_ rows with that switch on")
+  ap.add_argument("--remat", default="none", help="config.model.remat: none | full | dots (1/0: full/none)")
+  ap.add_argument("--scan_layers", type=int, default=0, help="1: config.model.scan_layers (blocks under nn.scan)")
+  ap.add_argument("--switches", default="",
+                  help="e.g. remat,dots,bf16: extra full_/dmlora_ rows with remat=full, remat=dots or bfloat16")
+  ap.add_argument("--compile_only", default="",
+                  help="e.g. 0,1: measure no steps; compile each row's train step from abstract shapes (no params "
+                       "in memory) with scan_layers=0 and =1, each in a fresh process: compile seconds, XLA's "
+                       "memory analysis of the step and the compiling process's peak RSS")
   ap.add_argument("--matmul_size", type=int, default=2048)
   ap.add_argument("--in_process", type=int, default=0,
                   help="1: no fresh process per row for peak memory (faster; peak memory is then cumulative)")
@@ -476,6 +551,22 @@ def main(argv=None) -> dict | None:
          "peak_memory_note": "peak of a fresh process per row (compile + 1 train + 1 eval step)" if not a.in_process
          else "peak of this process after all rows (cumulative, the same for every row)",
          "methods": {}}
+  if a.compile_only:  # one fresh process per row and scan setting; rows in turn
+    for name, *spec in _runs(a):
+      spec += [""] * (5 - len(spec))
+      for scan in (int(x) for x in a.compile_only.split(",")):
+        row = f"{name}_scan" if scan else name
+        print(f"[bench] compiling {row}", file=sys.stderr, flush=True)
+        res["methods"][row] = child_peak_memory(a, (row, *spec, scan))
+        print(f"[bench] {row}: {res['methods'][row]['compile_s']:.1f} s", file=sys.stderr, flush=True)
+    res["hardware"]["load_average_end"] = list(os.getloadavg())
+    text = compile_table(res)
+    print(text)
+    for path, body in ((a.json, lambda f: json.dump(res, f, indent=1)), (a.markdown, lambda f: f.write(text + "\n"))):
+      if path:
+        with open(path, "w") as f:
+          body(f)
+    return res
   specs, same = [], {}
   for name, *spec in _runs(a):
     first = next((s[0] for s in specs if tuple(s[1:]) == tuple(spec)), None)

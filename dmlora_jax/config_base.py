@@ -41,7 +41,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.gelu_approximate = True  # tanh GELU, as the public checkpoints were trained
   c.model.representation_size = 0  # 0 = no pre_logits layer
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
-  c.model.remat = False  # rematerialise each encoder block in the backward pass
+  # vit.REMAT: what each encoder block keeps for the backward pass: none | full (recompute the
+  # block) | dots (keep the projections' matmul outputs). True/False (configs before the
+  # policies) mean full/none; any type is accepted here and checked by `validate`.
+  c.model.remat = ml_collections.FieldReference("none", field_type=object)
+  # The blocks under nn.scan with params stacked over depth: one block compiled, not `depth`
+  # (layout.py: checkpoints, merge and exports keep the public per-block layout).
+  c.model.scan_layers = False
   c.model.drop_path = 0.0  # stochastic depth of the last block (some PyTorch recipes use 0.1)
   # Other ViT families (docs/config.md has the settings of each); the defaults are the original ViT.
   c.model.layer_scale = False  # LayerScale on each residual branch (DINOv2)
@@ -252,7 +258,8 @@ STAGE1_IRRELEVANT = ("data.root", "data.tfds_data_dir", "data.num_workers", "log
 # rounding) and so the fingerprint.
 LATER_KEYS = {"model.attention": "auto", "parallel": "pmap", "model.num_heads": 0, "model.layer_scale": False,
               "model.num_registers": 0, "model.no_embed_class": False, "model.pre_norm": False,
-              "model.activation": "gelu", "model.pool": "token", "model.patch_bias": True, "model.layer_norm_eps": 1e-6}
+              "model.activation": "gelu", "model.pool": "token", "model.patch_bias": True, "model.layer_norm_eps": 1e-6,
+              "model.scan_layers": False}
 
 # The config blocks of the comparison methods (a Method's `module` or `config_block` -> prefix).
 METHOD_BLOCKS = {"ssf": "ssf.", "vpt": "vpt.", "dora": "dora.", "adalora": "adalora."}
@@ -268,12 +275,26 @@ def other_methods_keys(config) -> tuple[str, ...]:
   return tuple(p for name, p in METHOD_BLOCKS.items() if name not in (m.module, m.config_block))
 
 
+def canonical(flat: dict) -> dict:
+  """A flat config with model.remat as recorded before the policies: none/full as False/True
+  (their aliases), so that runs made with the boolean keep their fingerprints and results;
+  dots as itself. Other keys unchanged."""
+  if "model.remat" not in flat:
+    return flat
+  from dmlora_jax import vit
+  try:
+    policy = vit.remat_policy(flat["model.remat"])
+  except ValueError:
+    return flat
+  return {**flat, "model.remat": {"none": False, "full": True}.get(policy, policy)}
+
+
 def stage1_fingerprint(config) -> str:
   """A hash of every config value that stage 1 depends on: everything but stage2.*,
   STAGE1_IRRELEVANT and other methods' blocks, with the method as the method whose stage 1 it
   shares (dmlora's is dropout's). Two runs with equal fingerprints train bit-identical stage 1s."""
   from dmlora_jax import methods
-  flat = flatten(config)
+  flat = canonical(flatten(config))
   other = other_methods_keys(config)
   used = {k: v for k, v in flat.items()
           if not k.startswith(("stage2.",) + other) and k not in STAGE1_IRRELEVANT
@@ -314,6 +335,11 @@ def validate(config) -> None:
     raise ConfigError(f"config.{e}") from None
   _one_of("model.dtype", c.model.dtype, ("float32", "bfloat16"))
   _one_of("model.attention", c.model.attention, ATTENTION)
+  try:
+    vit.remat_policy(c.model.remat)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
+  _check(isinstance(c.model.scan_layers, bool), "model.scan_layers", c.model.scan_layers, "must be True or False")
   _check(0.0 <= c.model.drop_path < 1.0, "model.drop_path", c.model.drop_path, "must be in [0, 1)")
   _one_of("model.activation", c.model.activation, vit.ACTIVATIONS)
   _one_of("model.pool", c.model.pool, vit.POOLS)

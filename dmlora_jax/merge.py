@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from dmlora_jax import adalora, dmlora, dora, ssf, vpt
+from dmlora_jax import adalora, dmlora, dora, layout, ssf, vpt
 from dmlora_jax.pytrees import flatten, unflatten
 
 Params = Mapping[str, Any]
@@ -29,7 +29,9 @@ def adapted_modules(params: Params) -> list[str]:
 
 def merge_params(params: Params) -> dict:
   """Returns a plain-ViT param tree with every branch set (and every SSF scale and shift)
-  merged into its kernel."""
+  merged into its kernel, in the public layout (a stacked or partly stacked tree,
+  config.model.scan_layers, is unstacked first)."""
+  params = layout.unstack(params)
   flat = flatten(params)
   prompts = [k for k in flat if k.rsplit("/", 1)[-1] in vpt.LEAVES]
   if prompts:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmlora_jax import checkpoint_source, config_base, data, dmlora, dora, kernels, methods, npz, optimizers, partition, pytrees, steps, vit
+from dmlora_jax import checkpoint_source, config_base, data, dmlora, dora, kernels, layout, methods, npz, optimizers, partition, pytrees, steps, vit
 from dmlora_jax.progress import say
 
 
@@ -52,7 +52,7 @@ def vit_config(config, num_classes: int) -> vit.ViTConfig:
   the config filling in only what the file cannot say."""
   m = config.model
   common = dict(representation_size=m.representation_size, gelu_approximate=m.gelu_approximate, dtype=m.dtype,
-                remat=m.remat, drop_path=m.drop_path, attention=m.attention, **{f: m[f] for f in FAMILY_FIELDS})
+                remat=m.remat, scan_layers=m.scan_layers, drop_path=m.drop_path, attention=m.attention, **{f: m[f] for f in FAMILY_FIELDS})
   if m.variant != "auto":
     return vit.parse_variant(m.variant, num_classes, **common)
   if not m.init_checkpoint:
@@ -80,11 +80,14 @@ FAMILY_FIELDS = ("layer_scale", "num_registers", "no_embed_class", "pre_norm", "
 
 def init_params(model: vit.ViT, config, image_size: int) -> tuple[dict, str]:
   """Random init from config.seed, then the base checkpoint if one is configured, then DoRA's
-  magnitudes (if any) from the loaded kernels. Returns (params as host arrays, fingerprint of
-  the base weights)."""
+  magnitudes (if any) from the loaded kernels. Returns (params as host arrays in the public
+  layout, also with model.scan_layers; fingerprint of the base weights)."""
   key = jax.random.fold_in(jax.random.key(config.seed), 0)
   params = jax.jit(model.init)(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
-  params = jax.tree.map(np.asarray, params)
+  # The public per-block layout from here on, whatever the model applies (layout.py): the
+  # checkpoint loaders, DoRA's magnitudes, the partition and checkpoints read block names.
+  # (Random init of a scanned model draws other numbers than the unrolled one's.)
+  params = jax.tree.map(np.asarray, layout.unstack(params))
   path = config.model.init_checkpoint
   if path:
     params, fp = npz.load_pretrained(params, path, posemb_prefix=model.cfg.posemb_prefix)
@@ -132,11 +135,17 @@ class Setup:
         rescale=d.rescale, mask_shape=(self.model.cfg.depth, len(ad.targets), ad.num_branches) if ad else None,
         targets=tuple(ad.targets) if ad else ())
 
+  def device_frozen(self) -> dict:
+    """The frozen leaves as the train state holds them: stacked over depth when the model
+    scans its blocks (so the largest part of the params is stacked in memory once, not
+    restacked each step), else public. `frozen` itself stays public for the merge and exports."""
+    return layout.for_model(self.model, self.frozen)
+
   def host_state(self, stage: int, plan: Plan, trainable=None, step: int = 0) -> steps.TrainState:
     """The train state of a stage on the host, with a fresh optimizer state."""
     trainable = self.trainable if trainable is None else trainable
     tx, _ = self.optimizer(stage, plan)
-    return steps.TrainState(step=np.int32(step), trainable=trainable, frozen=self.frozen,
+    return steps.TrainState(step=np.int32(step), trainable=trainable, frozen=self.device_frozen(),
                             opt_state=jax.tree.map(np.asarray, tx.init(trainable)))
 
 

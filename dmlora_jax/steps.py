@@ -9,6 +9,11 @@ The train step is a pure function `(state, batch, step_key) -> (state, metrics)`
 - p(t) is computed from `state.step` inside the compiled function: no recompilation.
 - Gradients are taken w.r.t. the leaves trained in this stage only, so the frozen weights'
   gradients are never computed (XLA sees no use for them), and averaged across devices.
+- With config.model.scan_layers the state's frozen leaves are already stacked over depth
+  (setup.Setup.host_state) and the trainable ones are public (checkpoints, the optimizer's
+  per-path labels and branch keep, 2S-LS all read block names): `layout.for_model` stacks the
+  trainable leaves inside the step (a copy of those leaves only) and the gradient flows
+  back through the stack to the public leaves.
 - The same masks reach the optimizer (`dmlora.branch_keep` -> `optimizers.masked_adamw`): a dropped
   branch's lora_a, lora_b, Adam moments and step count leave the step bit-identical.
 """
@@ -23,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dmlora_jax import dmlora, optimizers, partition, pytrees, schedules
+from dmlora_jax import dmlora, layout, optimizers, partition, pytrees, schedules
 from dmlora_jax.data import normalize
 
 AXIS = "batch"
@@ -94,7 +99,7 @@ def make_train_step(model, tx: optax.GradientTransformation, sc: StepConfig, axi
     rngs = {"drop_path": device_key(step_key, axis_name)}
 
     def loss_fn(diff):
-      params = pytrees.join(state.frozen, held, diff)
+      params = layout.for_model(model, pytrees.join(state.frozen, held, diff))
       logits = model.apply({"params": params}, images, masks, train=True, rngs=rngs).astype(jnp.float32)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       return loss, logits
@@ -126,7 +131,7 @@ def make_eval_step(model, normalization: str, axis_name: str = AXIS) -> Callable
   """Per-device eval: all branches, no rescale. Returns (correct, count) summed over devices."""
 
   def eval_fn(state: TrainState, batch: dict):
-    params = pytrees.join(state.frozen, state.trainable)
+    params = layout.for_model(model, pytrees.join(state.frozen, state.trainable))
     logits = model.apply({"params": params}, normalize(batch["image"], normalization))
     hit = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * batch["mask"]
     return jax.lax.psum(hit.sum(), axis_name), jax.lax.psum(batch["mask"].sum(), axis_name)

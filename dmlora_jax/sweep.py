@@ -210,9 +210,10 @@ def stale_keys(results: dict, config) -> list[str]:
   """The config keys whose values differ between a finished run and the run wanted. The blocks
   of other methods (config.ssf for a dmlora row) do not count: a run made before such a block
   existed is still the same run."""
-  want, have = flatten(config), results.get("config", {})
-  # A run written before a key existed ran at the key's default (config_base.LATER_KEYS).
-  have = {**{k: v for k, v in config_base.LATER_KEYS.items() if k not in have}, **have}
+  want, have = config_base.canonical(flatten(config)), results.get("config", {})
+  # A run written before a key existed ran at the key's default (config_base.LATER_KEYS);
+  # model.remat compares as its policy (a run's False is today's "none").
+  have = config_base.canonical({**{k: v for k, v in config_base.LATER_KEYS.items() if k not in have}, **have})
   other = config_base.other_methods_keys(config)
   return sorted(k for k in set(want) | set(have)
                 if k not in IRRELEVANT_KEYS and not k.startswith(other) and want.get(k) != have.get(k))

@@ -133,7 +133,7 @@ class Trainer:
     else:
       say(f"Resumed from checkpoint step {got[1]['step']} (stage {got[1]['stage']}) in {self.checkpointer.directory}")
     items, meta = got
-    state = steps.TrainState(step=np.int32(meta["step"]), trainable=items["trainable"], frozen=self.s.frozen,
+    state = steps.TrainState(step=np.int32(meta["step"]), trainable=items["trainable"], frozen=self.s.device_frozen(),
                              opt_state=items["opt_state"])
     return state, meta["stage"]
 

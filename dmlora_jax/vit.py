@@ -17,7 +17,9 @@ LayerNorm_0, MlpBlock_0}` (attention pooling, big_vision's names); a position em
 
 With an `AdapterSpec`, every targeted projection also holds the DMLoRA leaves `lora_a`
 (K, d_in, r), `lora_b` (K, r, d_out) and `lora_log_scale` () = log alpha_l, in its matrix
-view; the stored kernels keep their checkpoint shapes. Without one, the same code is a
+view; the stored kernels keep their checkpoint shapes. With ViTConfig.scan_layers the blocks
+run under nn.scan and their params are stacked over depth under `Transformer/encoderblock`
+(layout.py converts; everything outside the step keeps the layout above). Without one, the same code is a
 plain ViT (no adapter code runs), which is what a merged export is run with. The comparison
 methods SSF (`ssf_scale`, `ssf_shift` beside every kernel and LayerNorm scale: ssf.py) and
 VPT-deep (`Transformer/vpt_prompts`: vpt.py) are ViTConfig switches, off by default.
@@ -38,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmlora_jax import adalora, dmlora, dora, kernels, ssf, vpt
+from dmlora_jax import adalora, dmlora, dora, kernels, layout, ssf, vpt
 
 # name -> (width, depth, heads, mlp_dim)
 VARIANTS = {
@@ -56,6 +58,33 @@ VARIANTS = {
 LN_EPS = 1e-6
 # Leaf names that the methods add and no public checkpoint has: loading and merging skip them.
 ADDED_LEAVES = dmlora.ADAPTER_LEAVES + ssf.LEAVES + vpt.LEAVES
+
+# model.remat: what the backward pass of an encoder block keeps from the forward pass.
+# none: everything (fastest, most memory); full: only the block's input (recompute the block);
+# dots: the outputs of the matmuls with no batch dimension (the projections: q/k/v, out,
+# the MLP), recomputing the attention matmuls, softmax, GELU and LayerNorms.
+REMAT = ("none", "full", "dots")
+
+
+def remat_policy(value) -> str:
+  """model.remat as one of REMAT; the booleans of configs before the policies (and their
+  command-line spellings) are aliases: True = full, False = none."""
+  if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+    value = value.lower() in ("true", "1", "yes")
+  if isinstance(value, bool):
+    return "full" if value else "none"
+  if value not in REMAT:
+    raise ValueError(f"model.remat={value!r} is not one of {', '.join(REMAT)} (or True/False: full/none)")
+  return value
+
+
+def _remat(block_cls, policy: str, prevent_cse: bool = True):
+  if policy == "none":
+    return block_cls
+  saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+  return nn.remat(block_cls, policy=saveable, prevent_cse=prevent_cse)
+
+
 ACTIVATIONS = ("gelu", "quick_gelu")
 POOLS = ("token", "avg", "map")
 
@@ -71,7 +100,8 @@ class ViTConfig:
   representation_size: int = 0  # 0 = no pre_logits
   gelu_approximate: bool = True
   dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"  # REMAT: none | full | dots (True/False: full/none, as configs before the policies)
+  scan_layers: bool = False  # the blocks under nn.scan, params stacked over depth (layout.py)
   drop_path: float = 0.0  # stochastic depth of the last block; linear from 0 over depth (timm)
   # Other ViT families (timm's names in brackets); the defaults are the original ViT.
   layer_scale: bool = False  # a learned per-channel scale on each residual branch (ls1, ls2: DINOv2, CaiT)
@@ -89,6 +119,7 @@ class ViTConfig:
   attention: str = "auto"  # kernels.ATTENTION: which attention implementation (per backend)
 
   def __post_init__(self):
+    object.__setattr__(self, "remat", remat_policy(self.remat))
     if not 0.0 <= self.drop_path < 1.0:
       raise ValueError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
     if self.activation not in ACTIVATIONS:
@@ -248,22 +279,41 @@ class Transformer(nn.Module):
     x = PosEmbed(c.num_prefix - c.posemb_prefix, name="posembed_input")(x)
     if c.pre_norm:
       x = LayerNorm(c.layer_norm_eps, c.ssf_std, name="norm_pre")(x)
-    prompts = None
-    if c.vpt_prompts:  # VPT-deep: block i reads its own prompts after the prefix tokens
-      prompts = self.param(vpt.PROMPTS, vpt.uniform_init(vpt.init_bound(c.patch_size, c.width)),
-                           (c.depth, c.vpt_prompts, c.width))
-    block_cls = nn.remat(EncoderBlock) if self.cfg.remat else EncoderBlock
-    for i in range(self.cfg.depth):
-      m = None if masks is None else masks[i]
-      rate = self.cfg.drop_path * i / max(self.cfg.depth - 1, 1) if train else 0.0
+    rates = [c.drop_path * i / max(c.depth - 1, 1) if train else 0.0 for i in range(c.depth)]
+    if c.scan_layers:
+      if c.vpt_prompts:
+        raise ValueError("model.scan_layers does not run VPT-deep's per-block prompts; use model.scan_layers=false")
+      x = self._scanned(x, masks, rates)
+    else:
+      prompts = None
+      if c.vpt_prompts:  # VPT-deep: block i reads its own prompts after the prefix tokens
+        prompts = self.param(vpt.PROMPTS, vpt.uniform_init(vpt.init_bound(c.patch_size, c.width)),
+                             (c.depth, c.vpt_prompts, c.width))
+      block_cls = _remat(EncoderBlock, c.remat)
+      for i in range(c.depth):
+        m = None if masks is None else masks[i]
+        if prompts is not None:
+          x = vpt.insert(x, prompts[i], c.num_prefix, replace=i > 0)
+        x = block_cls(c, self.adapter, drop_path=rates[i], name=f"encoderblock_{i}")(x, m)
       if prompts is not None:
-        x = vpt.insert(x, prompts[i], c.num_prefix, replace=i > 0)
-      x = block_cls(self.cfg, self.adapter, drop_path=rate, name=f"encoderblock_{i}")(x, m)
-    if prompts is not None:
-      x = vpt.remove(x, c.vpt_prompts, c.num_prefix)
+        x = vpt.remove(x, c.vpt_prompts, c.num_prefix)
     if c.pool == "avg":  # timm: the final norm becomes fc_norm, after pooling
       return x
     return LayerNorm(c.layer_norm_eps, c.ssf_std, name="encoder_norm")(x)
+
+  def _scanned(self, x, masks, rates):
+    """The blocks as one nn.scan over depth: one block body compiled once, its params stacked
+    on a leading depth axis under `encoderblock` (layout.py converts to and from the public
+    encoderblock_{i}). What differs per block is a scanned input: the block's (num_targets,
+    K) slice of the branch masks and, with drop-path on, its rate (a traced scalar, so the
+    same body serves every rate)."""
+    c = self.cfg
+    xs = (masks, jnp.asarray(rates, jnp.float32) if any(rates) else None)
+    block_cls = _remat(_ScannedBlock, c.remat, prevent_cse=False)  # scan already keeps XLA from merging the recompute
+    scan = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "drop_path": True},
+                   in_axes=0, length=c.depth)
+    x, _ = scan(c, self.adapter, name=layout.STACKED)(x, xs)
+    return x
 
 
 class EncoderBlock(nn.Module):
@@ -272,13 +322,15 @@ class EncoderBlock(nn.Module):
   drop_path: float = 0.0  # this block's rate; 0 or deterministic = identity
 
   @nn.compact
-  def __call__(self, x, masks):
+  def __call__(self, x, masks, rate=None):
+    """rate: this block's drop-path rate as a traced scalar (under scan), else self.drop_path."""
+    rate = self.drop_path if rate is None else rate
     y, affine = self._norm("LayerNorm_0", x)
     y = MultiHeadDotProductAttention(self.cfg, self.adapter, name="MultiHeadDotProductAttention_1")(y, masks, affine)
-    x = x + self._drop_path(self._layer_scale("ls1", y.astype(x.dtype)))
+    x = x + self._drop_path(self._layer_scale("ls1", y.astype(x.dtype)), rate)
     y, affine = self._norm("LayerNorm_2", x)
     y = MlpBlock(self.cfg, self.adapter, name="MlpBlock_3")(y, masks, affine)
-    return x + self._drop_path(self._layer_scale("ls2", y.astype(x.dtype)))
+    return x + self._drop_path(self._layer_scale("ls2", y.astype(x.dtype)), rate)
 
   def _layer_scale(self, name, y_BxTxD):
     """LayerScale as its own leaf (not folded into out / Dense_1, so LoRA there stays exact)."""
@@ -295,12 +347,22 @@ class EncoderBlock(nn.Module):
       return LayerNorm(eps, std, name=name)(x, affine=False)
     return LayerNorm(eps, std, name=name)(x), None
 
-  def _drop_path(self, y_BxTxD):
-    """Per-example stochastic depth of a residual branch, kept ones scaled by 1/(1-rate)."""
-    if self.drop_path <= 0.0:
+  def _drop_path(self, y_BxTxD, rate):
+    """Per-example stochastic depth of a residual branch, kept ones scaled by 1/(1-rate).
+    A python rate of 0 is the identity; a traced one (scan) always draws (rate 0 keeps all)."""
+    if isinstance(rate, (int, float)) and rate <= 0.0:
       return y_BxTxD
-    keep = jax.random.bernoulli(self.make_rng("drop_path"), 1.0 - self.drop_path, (y_BxTxD.shape[0], 1, 1))
-    return y_BxTxD * keep.astype(y_BxTxD.dtype) / (1.0 - self.drop_path)
+    keep = jax.random.bernoulli(self.make_rng("drop_path"), 1.0 - rate, (y_BxTxD.shape[0], 1, 1))
+    scale = (1.0 - rate) if isinstance(rate, (int, float)) else (1.0 - rate).astype(y_BxTxD.dtype)
+    return y_BxTxD * keep.astype(y_BxTxD.dtype) / scale
+
+
+class _ScannedBlock(EncoderBlock):
+  """An EncoderBlock in nn.scan's (carry, xs) -> (carry, ys) form; the same submodule names."""
+
+  def __call__(self, x, xs):
+    masks, rate = xs
+    return super().__call__(x, masks, rate), None
 
 
 class MultiHeadDotProductAttention(nn.Module):
