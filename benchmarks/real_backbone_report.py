@@ -151,6 +151,14 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
   sweep_json = json.load(open(os.path.join(main_out, "sweep.json")))
   selection = sweep_json["selection"]
   name = "real_backbone_smoke" if smoke else "real_backbone"
+  # sweep.json holds the choices of the last sweep invocation only: a study run in parts keeps
+  # the earlier parts' choices from the previous results file (the newer choice wins).
+  prev = os.path.join(report_to, "results", f"{name}.json")
+  if os.path.exists(prev):
+    for row, per_task in json.load(open(prev)).get("selection", {}).items():
+      for task, sel in per_task.items():
+        if selection.get(row, {}).get(task, {}).get("lr") is None:
+          selection.setdefault(row, {})[task] = sel
   os.makedirs(os.path.join(report_to, "results"), exist_ok=True)
   png = os.path.join(report_to, f"{name}_scales.png")
   has_plot = plot_scales(runs, TASKS, png, seeds)
