@@ -36,7 +36,7 @@ def resolve(name: str) -> str:
     raise SourceError(f"model.init_checkpoint={name!r}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
   try:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
   except ImportError:
     raise SourceError(f"{name}: hf-hub: names need the huggingface_hub package (pip install huggingface_hub), "
                       f"or download {HUB_FILE} from https://huggingface.co/{repo} and give its path") from None
@@ -52,9 +52,7 @@ def resolve(name: str) -> str:
     raise SourceError(f"{name}: cannot fetch {HUB_FILE}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
   try:  # transformers repositories describe the model (heads, eps, activation) in config.json
     hf_hub_download(repo, "config.json", revision=revision or None)
-  except (EntryNotFoundError, LocalEntryNotFoundError):
-    pass
-  except Exception:  # config.json is optional: describe() names what is missing
+  except Exception:  # config.json is optional (absent, or offline): describe() names what is missing
     pass
   return path
 

@@ -44,7 +44,14 @@ def _fused(flat, module):
   b = np.asarray(flat[f"{module}/{dmlora.LORA_B}"], np.float32)
   k, d_in, r = a.shape
   scale = np.float32(np.exp(np.float64(flat[f"{module}/{dmlora.LORA_LOG_SCALE}"])) / r)
-  return a.transpose(1, 0, 2).reshape(d_in, k * r), b.reshape(k * r, -1) * scale
+  return dmlora.fused_a(a), b.reshape(k * r, -1) * scale
+
+
+def _add_head(flat, sd) -> None:
+  """The trained head as PEFT's modules_to_save entry (torch's (out, in) weight)."""
+  if "head/kernel" in flat:
+    sd[PREFIX + "head.weight"] = np.ascontiguousarray(np.asarray(flat["head/kernel"], np.float32).T)
+    sd[PREFIX + "head.bias"] = np.asarray(flat["head/bias"], np.float32)
 
 
 def peft_adapter(params) -> tuple[dict[str, np.ndarray], dict]:
@@ -89,9 +96,7 @@ def peft_adapter(params) -> tuple[dict[str, np.ndarray], dict]:
     sd[f"{PREFIX}{linear}.lora_A.weight"] = np.ascontiguousarray(a.T)  # (rank, in), torch's (out, in)
     sd[f"{PREFIX}{linear}.lora_B.weight"] = np.ascontiguousarray(b.T)  # (out, rank)
     ranks[linear.split(".", 2)[2]] = a.shape[1]
-  if "head/kernel" in flat:
-    sd[PREFIX + "head.weight"] = np.ascontiguousarray(np.asarray(flat["head/kernel"], np.float32).T)
-    sd[PREFIX + "head.bias"] = np.asarray(flat["head/bias"], np.float32)
+  _add_head(flat, sd)
   names = sorted(ranks)
   default = max(set(ranks.values()), key=list(ranks.values()).count)
   pattern = {n.split(".")[-1]: r for n, r in ranks.items() if r != default}
@@ -136,9 +141,7 @@ def _adalora_adapter(flat, by_linear) -> tuple[dict[str, np.ndarray], dict]:
     sd[f"{PREFIX}{linear}.lora_E"] = np.concatenate(es)[:, None]  # times (init_r + 1e-5) below
     sd[f"{PREFIX}{linear}.lora_B"] = b.T.astype(np.float32)
     pattern[f"{linear}.lora_E"] = rank
-  if "head/kernel" in flat:
-    sd[PREFIX + "head.weight"] = np.ascontiguousarray(np.asarray(flat["head/kernel"], np.float32).T)
-    sd[PREFIX + "head.bias"] = np.asarray(flat["head/bias"], np.float32)
+  _add_head(flat, sd)
   init_r = max(pattern.values())
   for n in pattern:
     key = f"{PREFIX}{n}"
