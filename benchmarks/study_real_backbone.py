@@ -27,6 +27,13 @@ Phases (each resumes: finished runs are skipped, unfinished ones resume from che
 
 The recipe (RECIPE) is the VTAB-1k one (AdamW, wd 1e-4, cosine with warm-up, ImageNet
 mean/std, no augmentation) shortened to fit 2 CPU cores: 112 px, batch 32, 5 + 2 epochs.
+Finished runs are kept in the repository: every run's results.json is copied (paths written as
+${OUT}, ${BACKBONE}, ${DATA}) into benchmarks/results/real_backbone_runs/ after each phase
+(and by `--phase archive`), and a study started in an empty --out restores them first (only
+when the backbone's sha256 is the archived one), so a fresh clone resumes the study where the
+last one stopped instead of rerunning it. A run restored this way has no checkpoints: the
+dmlora row's stage 2 needs the dropout row's stage-1 checkpoints, so archive them together.
+
 Runs go through `python -m dmlora_jax.main` subprocesses (the sweep's --isolate), two at a
 time each on one core (--jobs; 1.26x the throughput of one run on both cores here), sharing
 one XLA compilation cache; each run's output is in its workdir's train.log. `--smoke` runs the whole pipeline on a tiny random-init model in a few
@@ -74,6 +81,94 @@ KNOBS = {
 }
 KNOB_GROUPS = {"num_branches": ("K2", "base", "K8"), "drop_end": ("base", "drop_end0.75"),
                "split_rank": ("base", "split_rank")}
+
+
+ARCHIVE = os.path.join(REPO, "benchmarks", "results", "real_backbone_runs")
+
+
+def _sha256(path: str) -> str:
+  import hashlib
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _swap(obj, pairs):
+  """obj with every string that starts with a pair's first element re-prefixed by its second."""
+  if isinstance(obj, dict):
+    return {k: _swap(v, pairs) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_swap(v, pairs) for v in obj]
+  if isinstance(obj, str):
+    for old, new in pairs:
+      if obj == old or obj.startswith(old.rstrip("/") + "/"):
+        return new + obj[len(old):]
+  return obj
+
+
+def _runs(root: str) -> list[str]:
+  """results.json paths under root, relative to it."""
+  return sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "**", "results.json"), recursive=True))
+
+
+def archive(out: str, backbone_path: str, data_root: str, to: str = ARCHIVE) -> int:
+  """Copies every finished run's results.json under out into `to`, machine paths replaced by
+  placeholders, with the backbone's sha256 and the phase times. Returns how many changed."""
+  pairs = [(backbone_path, "${BACKBONE}"), (data_root, "${DATA}"), (out, "${OUT}")]
+  n = 0
+  for rel in _runs(out):
+    if rel.startswith("backbone" + os.sep):
+      continue
+    with open(os.path.join(out, rel)) as f:
+      text = json.dumps(_swap(json.load(f), pairs), indent=1, sort_keys=True) + "\n"
+    dst = os.path.join(to, rel)
+    if os.path.exists(dst) and open(dst).read() == text:
+      continue
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with open(dst, "w") as f:
+      f.write(text)
+    n += 1
+  meta = {"backbone_sha256": _sha256(backbone_path), "backbone_file": os.path.basename(backbone_path)}
+  times = os.path.join(out, "times.json")
+  if os.path.exists(times):
+    meta["times_s"] = json.load(open(times))
+  os.makedirs(to, exist_ok=True)
+  with open(os.path.join(to, "archive.json"), "w") as f:
+    json.dump(meta, f, indent=2)
+  print(f"archive: {n} run(s) written to {to} ({len(_runs(to))} in all)", flush=True)
+  return n
+
+
+def restore(out: str, backbone_path: str, data_root: str, frm: str = ARCHIVE) -> int:
+  """Writes the archived runs that out lacks into out (placeholders -> this machine's paths),
+  when the archive was made with this backbone (sha256). Returns how many were restored."""
+  meta_path = os.path.join(frm, "archive.json")
+  if not os.path.exists(meta_path):
+    return 0
+  meta = json.load(open(meta_path))
+  sha = _sha256(backbone_path)
+  if meta.get("backbone_sha256") != sha:
+    print(f"WARNING: {frm} was made with another backbone (sha256 {meta.get('backbone_sha256')}, this one {sha}): "
+          "nothing restored, every run trains", flush=True)
+    return 0
+  pairs = [("${BACKBONE}", backbone_path), ("${DATA}", data_root), ("${OUT}", out)]
+  n = 0
+  for rel in _runs(frm):
+    dst = os.path.join(out, rel)
+    if os.path.exists(dst):
+      continue
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with open(dst, "w") as f:
+      json.dump(_swap(json.load(open(os.path.join(frm, rel))), pairs), f, indent=2)
+    n += 1
+  times = os.path.join(out, "times.json")
+  if n and not os.path.exists(times) and meta.get("times_s"):
+    with open(times, "w") as f:
+      json.dump(meta["times_s"], f, indent=2)
+  print(f"restored {n} finished run(s) from {frm}", flush=True)
+  return n
 
 
 def backbone(out: str) -> str:
@@ -163,12 +258,15 @@ def main_dir(out: str, knob_over: dict) -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default=os.path.join(REPO, "runs", "study_real"))
-  p.add_argument("--phase", choices=("all", "knobs", "main", "report"), default="all")
+  p.add_argument("--phase", choices=("all", "knobs", "main", "report", "archive"), default="all")
   p.add_argument("--smoke", action="store_true", help="tiny random-init model: checks the pipeline only")
   p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                  help="trainings at once, each pinned to its share of the CPUs (sweep --jobs; default 2)")
   p.add_argument("--report_to", default=os.path.join(REPO, "benchmarks"),
                  help="where real_backbone.md, the plot and results/real_backbone.json go")
+  p.add_argument("--archive", default=ARCHIVE,
+                 help="where finished runs' results.json are kept and restored from ('' for neither; "
+                      "default benchmarks/results/real_backbone_runs)")
   p.add_argument("--tasks", default=",".join(TASKS), help="main phase: the tasks (default all three)")
   p.add_argument("--rows", default=",".join(ROWS), help="main phase: the rows (default all)")
   p.add_argument("--seeds", type=int, default=SEEDS, help=f"main phase: seeds per row and task (default {SEEDS})")
@@ -198,8 +296,23 @@ def main(argv=None) -> int:
   times = json.load(open(times_path)) if os.path.exists(times_path) else {}
   common = dict(SMOKE if args.smoke else RECIPE)
   common["data.root"] = os.path.join(SHARED, "data", "vtab1k")
+  keep = bool(args.archive) and not args.smoke
   if not args.smoke:
     common["model.init_checkpoint"] = backbone(out)
+  if keep:
+    restore(out, common["model.init_checkpoint"], common["data.root"], args.archive)
+    if os.path.exists(times_path):
+      times = json.load(open(times_path))
+
+  def keep_runs():
+    if keep:
+      archive(out, common["model.init_checkpoint"], common["data.root"], args.archive)
+
+  if args.phase == "archive":
+    if not keep:
+      raise SystemExit("error: --phase archive needs --archive and a real (not --smoke) study")
+    keep_runs()
+    return 0
 
   def timed(name, fn):
     t0 = time.time()
@@ -212,6 +325,7 @@ def main(argv=None) -> int:
   knobs_path = os.path.join(out, "knobs.json")
   if args.phase in ("all", "knobs"):
     knobs = timed("knobs", lambda: knob_phase(out, common, args.jobs, knob_names, run=bool(knob_names)))
+    keep_runs()
   elif os.path.exists(knobs_path):
     knobs = json.load(open(knobs_path))
   else:
@@ -222,6 +336,7 @@ def main(argv=None) -> int:
   if args.phase in ("all", "main"):
     s2 = tuple(float(v) for v in args.stage2_lrs.split(","))
     rc = timed("main", lambda: sweep(main_out, rows, {**common, **main_over}, [], args.jobs, tasks, args.seeds, s2))
+    keep_runs()
   if args.phase in ("all", "report"):
     import real_backbone_report
     parts = [("--tasks", args.tasks, ",".join(TASKS)), ("--rows", args.rows, ",".join(ROWS)),
