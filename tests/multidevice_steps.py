@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dmlora_jax import steps
+from multidevice_methods import methods_report
 from parallel_steps import parallel_report
 from trainer_utils import make_trainer, tiny_config
 
@@ -82,4 +83,5 @@ json.dump({
     "drop_path_loss": float(np.asarray(m3["loss"])[0]),
     "loss_pmap": float(np.asarray(m1["loss"])[0]), "loss_shard_map": float(np.asarray(m2["loss"])),
     "parallel": parallel,
+    "methods": methods_report(),
 }, sys.stdout)

@@ -1,7 +1,8 @@
 """Data parallelism over 4 simulated CPU devices (a subprocess: the device count is fixed
 when JAX starts), config.parallel=pmap and =jit among it: the same training, the same masks on
 every device, and a step that never copies between host and devices outside the trainer's
-logging and checkpoint points."""
+logging and checkpoint points; and the comparison methods (DoRA, AdaLoRA, SSF, VPT-deep) data
+parallel: the same state on every device, and 4 devices x 8 images equal to 1 device x 32."""
 
 import json
 import os
@@ -21,7 +22,7 @@ def report():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              PYTHONPATH=os.pathsep.join([REPO, HERE]))
   out = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_steps.py")], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -77,3 +78,19 @@ def test_pmap_and_jit_give_the_same_masks_and_merged_export(report):
   assert set(report["parallel"]["jit"]["accuracy"]) == set(report["parallel"]["pmap"]["accuracy"]) == {"test"}
   assert abs(report["parallel"]["pmap"]["accuracy"]["test"] - report["parallel"]["jit"]["accuracy"]["test"]) <= 2e-3
 
+
+
+# ---- the comparison methods (multidevice_methods.py) ----
+
+@pytest.mark.parametrize("method", ["dora", "adalora", "ssf", "vpt_deep"])
+def test_comparison_method_trains_data_parallel(report, method):
+  r = report["methods"][method]
+  assert r["num_devices"] == 4
+  # The trainer's own step (its optimizer, AdaLoRA's rank allocator) keeps every device's
+  # trained leaves and optimizer state the same bits.
+  assert r["state_equal_across_devices"]
+  assert r["adam_max_update"] > 1e-4
+  # 4 devices x 8 images = 1 device x 32 images (SGD: the update is the averaged gradient).
+  assert r["sgd_max_update"] > 1e-2
+  assert r["max_abs_diff_4_vs_1_device"] < 1e-5
+  assert abs(r["loss_4"] - r["loss_1"]) < 1e-5
