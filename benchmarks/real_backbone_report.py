@@ -13,7 +13,7 @@ from dmlora_jax import report as sweep_report
 
 PAIRS = (("dmlora", "lora"), ("dropout", "multibranch"), ("dmlora", "dropout"), ("multibranch", "lora"),
          ("dropout", "lora"), ("dmlora_block", "dropout"), ("dmlora", "dmlora_block"), ("lora", "linear"),
-         ("full", "lora"))
+         ("full", "lora"), ("dmlora", "dora"), ("dmlora", "adalora"), ("dmlora", "ssf"), ("dmlora", "vpt_deep"))
 
 
 def _pct(v) -> str:
@@ -144,12 +144,67 @@ def plot_scales(runs: dict, tasks, path: str, seeds: int) -> bool:
 ALL_TASKS = ("cifar10", "cifar10_t5", "animal_mnist")
 
 
+def method_knob_table(mknobs: dict) -> list[str]:
+  lines = ["| method | variant | " + " | ".join(ALL_TASKS) + " | mean | chosen lr per task | chosen |",
+           "|---|---|" + "---|" * (len(ALL_TASKS) + 3)]
+  for m, k in mknobs.items():
+    for name, s in k["scores"].items():
+      cells = [_pct(s["val200_best"].get(t)) + (" (edge)" if s["edge"].get(t) else "") for t in ALL_TASKS]
+      lrs = ", ".join(f"{s['lr'][t]:g}" for t in ALL_TASKS if t in s["lr"])
+      lines.append(f"| {m} | {name} | " + " | ".join(cells) + f" | {_pct(s['mean'])} | {lrs} | "
+                   f"{'yes' if name == k['chosen'] else ''} |")
+  return lines
+
+
+def plot_acc_vs_params(runs: dict, tasks, path: str) -> bool:
+  """Mean test top-1 over the tasks against trainable parameters, one point per row that has
+  every task (mean over its seeds), error bars the std over seeds of the mean over tasks."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  pts = []
+  for row, by_task in runs.items():
+    if not all(t in by_task for t in tasks):
+      continue
+    per_seed = {}
+    for t in tasks:
+      for x in by_task[t]:
+        per_seed.setdefault(x["_seed"], []).append(x["accuracy"]["test"])
+    means = [100 * np.mean(v) for v in per_seed.values() if len(v) == len(tasks)]
+    if means:
+      params = np.mean([x["trainable_params"] for t in tasks for x in by_task[t]])
+      pts.append((row, params, np.mean(means), np.std(means, ddof=1) if len(means) > 1 else 0.0))
+  if not pts:
+    return False
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for row, n, m, sd in pts:
+    ax.errorbar(n, m, yerr=sd, fmt="o", capsize=3)
+    ax.annotate(row, (n, m), textcoords="offset points", xytext=(5, 4), fontsize=8)
+  ax.set_xscale("log")
+  ax.set_xlabel("trainable parameters (head included)")
+  ax.set_ylabel(f"test top-1 %, mean over {len(tasks)} task(s)")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
 def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict, rows, tasks,
-          smoke: bool = False, seeds: int = 3, command: str = "", not_run: str = "") -> None:
+          smoke: bool = False, seeds: int = 3, command: str = "", not_run: str = "",
+          row_dirs: dict | None = None, method_knobs: dict | None = None) -> None:
   RECIPE, ROWS, TASKS = recipe, rows, tasks
   runs = sweep_report.load_runs(main_out)
   sweep_json = json.load(open(os.path.join(main_out, "sweep.json")))
   selection = sweep_json["selection"]
+  # A comparison method trained at a non-default knob lives in its variant's sweep dir.
+  for row, d in (row_dirs or {}).items():
+    runs.pop(row, None)
+    runs.update({r: v for r, v in sweep_report.load_runs(d).items() if r == row})
+    if os.path.exists(os.path.join(d, "sweep.json")):
+      sel = json.load(open(os.path.join(d, "sweep.json")))["selection"].get(row)
+      if sel:
+        selection[row] = sel
   name = "real_backbone_smoke" if smoke else "real_backbone"
   # sweep.json holds the choices of the last sweep invocation only: a study run in parts keeps
   # the earlier parts' choices from the previous results file (the newer choice wins).
@@ -162,6 +217,8 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
   os.makedirs(os.path.join(report_to, "results"), exist_ok=True)
   png = os.path.join(report_to, f"{name}_scales.png")
   has_plot = plot_scales(runs, TASKS, png, seeds)
+  params_png = os.path.join(report_to, f"{name}_acc_vs_params.png")
+  has_params_plot = plot_acc_vs_params({r: v for r, v in runs.items() if r in ROWS}, TASKS, params_png)
   t_lines, t_data = test_table(runs, ROWS, TASKS)
   d_lines, d_data = diff_table(runs)
   s_lines, s_data = stage2_table(main_out, TASKS)
@@ -186,15 +243,24 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
   md += d_lines
   md += ["", "## Choices on val200", "", "### The method's knobs (dropout row = DMLoRA's stage 1)", ""]
   md += knob_table(knobs, [t for t in ALL_TASKS if any(t in s["val200_best"] for s in knobs["scores"].values())])
-  md += ["", f"Chosen: {knobs['chosen']}.", "", "### Learning rates", ""]
+  md += ["", f"Chosen: {knobs['chosen']}.", ""]
+  if method_knobs:
+    md += ["### The comparison methods' own knobs (tune runs, val200)", "",
+           "Each variant at its own best lr; a variant replaces the default only when its mean over the tasks beats "
+           "the default's by more than the standard error of that mean.", ""]
+    md += method_knob_table(method_knobs) + [""]
+  md += ["### Learning rates", ""]
   md += choice_table(selection, ROWS, TASKS)
   md += ["", "### 2S-LS: the stage-2 learning rate (tune runs)", ""]
   md += s_lines
   if has_plot:
     md += ["", f"![alpha_l heatmap]({os.path.basename(png)})"]
+  if has_params_plot:
+    md += ["", "## Accuracy against trainable parameters", "", f"![accuracy vs parameters]({os.path.basename(params_png)})"]
   with open(os.path.join(report_to, f"{name}.md"), "w") as f:
     f.write("\n".join(md) + "\n")
   with open(os.path.join(report_to, "results", f"{name}.json"), "w") as f:
     json.dump({"recipe": RECIPE, "knobs": knobs, "selection": selection, "test": t_data, "paired": d_data,
-               "stage2": s_data, "times_s": times, "sweep_dir": main_out}, f, indent=2)
+               "stage2": s_data, "times_s": times, "sweep_dir": main_out,
+               "method_knobs": method_knobs or {}, "row_dirs": row_dirs or {}}, f, indent=2)
   print(f"wrote {os.path.join(report_to, name + '.md')}", flush=True)

@@ -17,8 +17,13 @@ Phases (each resumes: finished runs are skipped, unfinished ones resume from che
    at an edge). Per knob, the value with the best val200 top-1 (at its best lr), averaged over
    the tasks, is kept if it beats the default by more than the standard error of that mean
    (else the default stays). Test is never read.
+   The comparison methods (rows dora, adalora, vpt_deep) choose their own key knob the same
+   way (METHOD_KNOBS: DoRA's rank, AdaLoRA's budget, VPT-deep's prompt length; the default
+   value's runs are the row's main tune runs, the others in out/method_knobs/).
 2. main: the sweep of dmlora_jax.sweep with the chosen knobs: rows linear, lora, multibranch,
-   dropout, dmlora, dmlora_block (2S-LS with one scale per block), full; each row's lr on
+   dropout, dmlora, dmlora_block (2S-LS with one scale per block), full, and the comparison
+   methods dora, adalora, ssf, vpt_deep (a method whose chosen knob is not its default runs
+   in its variant's dir); each row's lr on
    val200 from its grid (ROW_LRS, extended at an edge), the dmlora rows' stage-2 lr from
    STAGE2_LRS on val200 (their stage 1 is the dropout row's), then 3 seeds on test.
 3. report: benchmarks/real_backbone.md (tables: test top-1 mean ± std per row and task and
@@ -54,9 +59,13 @@ sys.path.insert(0, REPO)
 
 SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))
 TASKS = ("cifar10", "cifar10_t5", "animal_mnist")
-ROWS = ("linear", "lora", "multibranch", "dropout", "dmlora", "dmlora_block", "full")
+ROWS = ("linear", "lora", "multibranch", "dropout", "dmlora", "dmlora_block", "full",
+        "dora", "adalora", "ssf", "vpt_deep")
 LRS = (3e-4, 1e-3, 3e-3)  # the adapter rows; extended at an edge by the sweep
-ROW_LRS = {"full": (1e-5, 3e-5, 1e-4), "linear": (3e-3, 1e-2, 3e-2)}
+ROW_LRS = {"full": (1e-5, 3e-5, 1e-4), "linear": (3e-3, 1e-2, 3e-2),
+           # SSF's and VPT's papers train at larger lrs than LoRA's (a scale/shift or a token,
+           # not a low-rank product); the sweep extends any grid at an edge.
+           "ssf": (1e-3, 3e-3, 1e-2), "vpt_deep": (1e-3, 3e-3, 1e-2)}
 STAGE2_LRS = (1e-4, 1e-3, 1e-2, 1e-1)  # 1e-4 = "one tenth of stage 1" at stage1.lr 1e-3
 SEEDS = 3
 VAL_SIZE = 200  # val200
@@ -81,6 +90,15 @@ KNOBS = {
 }
 KNOB_GROUPS = {"num_branches": ("K2", "base", "K8"), "drop_end": ("base", "drop_end0.75"),
                "split_rank": ("base", "split_rank")}
+# The comparison methods' own key knob (issue 14), one grid each around its paper's default
+# ("base" = config_base's): DoRA's rank, AdaLoRA's budget (target rank per module, init_r at
+# 1.5x it as the paper), VPT-deep's prompt length (from the paper's grid). SSF has none.
+METHOD_KNOBS = {
+    "dora": {"rank4": {"dora.rank": "4"}, "base": {}, "rank16": {"dora.rank": "16"}},
+    "adalora": {"budget4": {"adalora.target_rank": "4", "adalora.rank": "6"}, "base": {},
+                "budget12": {"adalora.target_rank": "12", "adalora.rank": "18"}},
+    "vpt_deep": {"prompts10": {"vpt.num_prompts": "10"}, "base": {}, "prompts100": {"vpt.num_prompts": "100"}},
+}
 
 
 ARCHIVE = os.path.join(REPO, "benchmarks", "results", "real_backbone_runs")
@@ -201,10 +219,71 @@ def _grid(values) -> str:
   return ",".join(f"{v:g}" for v in values)
 
 
+def _scores(wd: str, row: str) -> dict | None:
+  """A tune-only variant's evidence from its runs' own results: per task the best val200 at
+  the sweep's lr rule, over the whole grid; None when no task has its grid."""
+  from dmlora_jax.sweep import select_lr
+  per_task, lrs, edge = {}, {}, {}
+  for t in TASKS:
+    val = {}
+    for path in glob.glob(os.path.join(wd, row, t, "tune_lr*", "results.json")):
+      if "_s2lr" in path:
+        continue
+      res = json.load(open(path))
+      val[res["config"]["stage1.lr"]] = res["accuracy"]["val200"]
+    if len(val) >= len(ROW_LRS.get(row, LRS)):  # the whole grid ran
+      lrs[t] = select_lr(dict(sorted(val.items())))  # the sweep's rule (ties: the smaller lr)
+      per_task[t] = val[lrs[t]]
+      edge[t] = lrs[t] in (min(val), max(val))
+  if not per_task:
+    return None
+  return {"val200_best": per_task, "lr": lrs, "edge": edge,
+          "mean": float(sum(per_task.values()) / len(per_task)) if len(per_task) == len(TASKS) else math.nan}
+
+
+def _choose(scores: dict, names) -> str | None:
+  """The variant of `names` kept: another beats "base" only by more than the binomial standard
+  error of base's mean over tasks (val200: 200 images per task, about 1.4 points at 87%); a
+  smaller difference is noise at this size. Only variants with every task count."""
+  ok = [n for n in names if n in scores and not math.isnan(scores[n]["mean"])]
+  if "base" not in ok:
+    return None
+  p = scores["base"]["val200_best"]
+  se = math.sqrt(sum(v * (1 - v) / VAL_SIZE for v in p.values())) / len(p)
+  return max(ok, key=lambda n: (scores[n]["mean"] - (0.0 if n == "base" else se), n == "base"))
+
+
+def method_knob_phase(out: str, main_out: str, common: dict, jobs: int, rows, run: bool = True,
+                      tasks=TASKS) -> dict:
+  """Each comparison method's own knob (METHOD_KNOBS) on val200, tune runs only: the default
+  value's runs are the main phase's tune runs of the row (main_out), the others go to
+  out/method_knobs/<method>_<variant>. Runs `tasks`; a choice needs every task of TASKS. Returns {method: {"scores", "chosen", "dir"}}; the
+  main phase runs a method whose chosen variant is not the default in that variant's dir."""
+  result = {}
+  for method, variants in METHOD_KNOBS.items():
+    if method not in rows:
+      continue
+    scores, dirs = {}, {}
+    for name, over in variants.items():
+      dirs[name] = main_out if name == "base" else os.path.join(out, "method_knobs", f"{method}_{name}")
+      if run:
+        sweep(dirs[name], (method,), {**common, **over}, ["--tune_only"], jobs, tasks)
+      sc = _scores(dirs[name], method)
+      if sc is not None:
+        scores[name] = sc
+    chosen = _choose(scores, tuple(variants))
+    result[method] = {"scores": scores, "chosen": chosen, "overrides": variants.get(chosen, {}) if chosen else {},
+                      "dir": dirs[chosen] if chosen else main_out}
+    print(f"\n{method}'s knob (mean val200 top-1 over tasks at each variant's best lr): " +
+          ", ".join(f"{n} {100 * v['mean']:.2f}" for n, v in scores.items()) + f"; chosen: {chosen}", flush=True)
+  with open(os.path.join(out, "method_knobs.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
 def knob_phase(out: str, common: dict, jobs: int, names=tuple(KNOBS), run: bool = True) -> dict:
   """Runs the knob variants `names` (tune only; run=False only reads what earlier runs left)
   and returns the chosen overrides and the evidence. A variant missing a task has no mean."""
-  from dmlora_jax.sweep import select_lr
   scores = {}
   for name in KNOBS:
     wd = os.path.join(out, "main") if name == "base" else os.path.join(out, "knobs", name)
@@ -212,33 +291,15 @@ def knob_phase(out: str, common: dict, jobs: int, names=tuple(KNOBS), run: bool 
       sweep(wd, ("dropout",), {**common, **KNOBS[name]}, ["--tune_only"], jobs)
     # From the tune runs' own results (a later sweep of fewer tasks in the same directory
     # rewrites sweep.json; the runs stay).
-    per_task, lrs, edge = {}, {}, {}
-    for t in TASKS:
-      val = {}
-      for path in glob.glob(os.path.join(wd, "dropout", t, "tune_lr*", "results.json")):
-        res = json.load(open(path))
-        val[res["config"]["stage1.lr"]] = res["accuracy"]["val200"]
-      if len(val) >= len(LRS):  # the whole grid ran
-        lrs[t] = select_lr(dict(sorted(val.items())))  # the sweep's rule (ties: the smaller lr)
-        per_task[t] = val[lrs[t]]
-        edge[t] = lrs[t] in (min(val), max(val))
-    if not per_task:
-      continue
-    scores[name] = {"val200_best": per_task, "lr": lrs, "edge": edge,
-                    "mean": float(sum(per_task.values()) / len(per_task)) if len(per_task) == len(TASKS) else math.nan}
+    sc = _scores(wd, "dropout")
+    if sc is not None:
+      scores[name] = sc
   chosen, over = {}, {}
   for knob, names_ in KNOB_GROUPS.items():
-    ok = [n for n in names_ if n in scores and not math.isnan(scores[n]["mean"])]
-    if "base" not in ok:
-      continue
-    # A variant replaces the default only when its mean beats the default's by more than the
-    # binomial standard error of that mean (val200: 200 images per task, about 1.4 points at
-    # 87%); a smaller difference is noise at this size, and the default stands.
-    p = scores["base"]["val200_best"]
-    se = math.sqrt(sum(v * (1 - v) / VAL_SIZE for v in p.values())) / len(p)
-    best = max(ok, key=lambda n: (scores[n]["mean"] - (0.0 if n == "base" else se), n == "base"))
-    chosen[knob] = best
-    over.update(KNOBS[best])
+    best = _choose(scores, names_)
+    if best is not None:
+      chosen[knob] = best
+      over.update(KNOBS[best])
   result = {"scores": scores, "chosen": chosen, "overrides": over}
   with open(os.path.join(out, "knobs.json"), "w") as f:
     json.dump(result, f, indent=2)
@@ -275,6 +336,9 @@ def main(argv=None) -> int:
                       "only read what earlier runs left); the choice uses every variant that has all three tasks")
   p.add_argument("--stage2_lrs", default=_grid(STAGE2_LRS),
                  help=f"main phase: the dmlora rows' stage-2 lr grid (default {_grid(STAGE2_LRS)})")
+  p.add_argument("--method_knobs", choices=("run", "none"), default="run",
+                 help="the comparison methods' own knobs (METHOD_KNOBS) on val200 for the methods in --rows: run "
+                      "them, or 'none' to only read what earlier runs left (the default value stands without them)")
   p.add_argument("--main_knobs", choices=("chosen", "base"), default="chosen",
                  help="main phase: the knob phase's choice, or the defaults (K=4, rank 8, drop_end 0.5)")
   args = p.parse_args(argv)
@@ -332,19 +396,37 @@ def main(argv=None) -> int:
     raise SystemExit(f"error: {knobs_path} not found: run --phase knobs first")
   main_over = knobs["overrides"] if args.main_knobs == "chosen" else {}
   main_out = main_dir(out, main_over)
+  run_mk = args.phase in ("all", "knobs") and args.method_knobs == "run"
+  mknobs = timed("method_knobs", lambda: method_knob_phase(out, main_out, common, args.jobs, rows, run=run_mk,
+                                                                     tasks=tasks)) \
+      if run_mk else method_knob_phase(out, main_out, common, args.jobs, rows, run=False)
+  if run_mk:
+    keep_runs()
+  # A comparison method whose chosen knob is not its default trains in that variant's dir.
+  row_dirs = {m: k["dir"] for m, k in mknobs.items() if k["dir"] != main_out}
   rc = 0
   if args.phase in ("all", "main"):
     s2 = tuple(float(v) for v in args.stage2_lrs.split(","))
-    rc = timed("main", lambda: sweep(main_out, rows, {**common, **main_over}, [], args.jobs, tasks, args.seeds, s2))
+
+    def main_phase():
+      code = sweep(main_out, [r for r in rows if r not in row_dirs], {**common, **main_over}, [], args.jobs, tasks,
+                   args.seeds, s2)
+      for m, d in row_dirs.items():
+        code = max(code, sweep(d, (m,), {**common, **main_over, **mknobs[m]["overrides"]}, [], args.jobs, tasks,
+                               args.seeds, s2))
+      return code
+    rc = timed("main", main_phase)
     keep_runs()
   if args.phase in ("all", "report"):
     import real_backbone_report
     parts = [("--tasks", args.tasks, ",".join(TASKS)), ("--rows", args.rows, ",".join(ROWS)),
              ("--seeds", str(args.seeds), str(SEEDS)), ("--knobs", args.knobs, ",".join(KNOBS)),
-             ("--stage2_lrs", args.stage2_lrs, _grid(STAGE2_LRS))]
+             ("--method_knobs", args.method_knobs, "run"), ("--stage2_lrs", args.stage2_lrs, _grid(STAGE2_LRS))]
     command = "python benchmarks/study_real_backbone.py --out runs/study_real" + "".join(
         f" {flag} {v}" for flag, v, default in parts if v != default)
-    unmeasured = [k for k in KNOBS if k not in knobs["scores"] or math.isnan(knobs["scores"][k]["mean"])]
+    unmeasured = [k for k in KNOBS if k not in knobs["scores"] or math.isnan(knobs["scores"][k]["mean"])] + [
+        f"{m}:{n}" for m, k in mknobs.items() for n in METHOD_KNOBS[m]
+        if n not in k["scores"] or math.isnan(k["scores"][n]["mean"])]
     missing = [f"rows {', '.join(r for r in ROWS if r not in rows)}" if len(rows) < len(ROWS) else "",
                f"tasks {', '.join(t for t in TASKS if t not in tasks)}" if len(tasks) < len(TASKS) else "",
                ("seed " if args.seeds + 1 == SEEDS else "seeds ") + ", ".join(str(i) for i in range(args.seeds + 1, SEEDS + 1))
@@ -354,7 +436,8 @@ def main(argv=None) -> int:
     not_run = ("a part of the full study; not run yet: " + "; ".join(missing) +
                ". The full study is the same command without --tasks/--rows/--seeds/--knobs (it resumes).") if missing else ""
     real_backbone_report.write(main_out, knobs, times, args.report_to, common if args.smoke else RECIPE, rows, tasks,
-                               smoke=args.smoke, seeds=args.seeds, command=command, not_run=not_run)
+                               smoke=args.smoke, seeds=args.seeds, command=command, not_run=not_run,
+                               row_dirs=row_dirs, method_knobs=mknobs)
   return rc
 
 

@@ -56,3 +56,39 @@ def test_restore_refuses_another_backbone(tmp_path, capsys):
   assert study.restore(str(b), str(b / "backbone" / "m.npz"), "/d", str(arch)) == 0
   assert not (b / "main").exists()
   assert "another backbone" in capsys.readouterr().out
+
+
+def _scores(mean_by_task):
+  return {"val200_best": dict(mean_by_task), "lr": {t: 1e-3 for t in mean_by_task}, "edge": {},
+          "mean": sum(mean_by_task.values()) / len(mean_by_task)}
+
+
+def test_a_knob_variant_replaces_the_default_only_beyond_one_standard_error():
+  base = {"cifar10": 0.79, "cifar10_t5": 0.88, "animal_mnist": 0.94}
+  # The binomial standard error of base's mean over the 3 tasks at 200 images each, by hand.
+  se = (sum(p * (1 - p) / 200 for p in base.values())) ** 0.5 / 3
+  assert abs(se - 0.0135) < 1e-3
+  near = {t: v + 0.8 * se for t, v in base.items()}
+  far = {t: v + 1.2 * se for t, v in base.items()}
+  assert study._choose({"base": _scores(base), "rank16": _scores(near)}, ("rank4", "base", "rank16")) == "base"
+  assert study._choose({"base": _scores(base), "rank16": _scores(far)}, ("rank4", "base", "rank16")) == "rank16"
+  # A variant missing a task has no mean and cannot be chosen; without base nothing is chosen.
+  partial = _scores({"cifar10": 0.99})
+  partial["mean"] = float("nan")
+  assert study._choose({"base": _scores(base), "rank4": partial}, ("rank4", "base")) == "base"
+  assert study._choose({"rank4": _scores(far)}, ("rank4", "base")) is None
+
+
+def test_scores_read_the_tune_runs_of_a_whole_grid(tmp_path):
+  for t, accs in (("cifar10", {3e-4: 0.6, 1e-3: 0.78, 3e-3: 0.78}), ("animal_mnist", {3e-4: 0.9, 1e-3: 0.95})):
+    for lr, a in accs.items():
+      _write(tmp_path / "dora" / t / f"tune_lr{lr:g}" / "results.json",
+             {"config": {"stage1.lr": lr}, "accuracy": {"val200": a}})
+  # A dmlora-style stage-2 tune run in the same folder is not a stage-1 grid point.
+  _write(tmp_path / "dora" / "cifar10" / "tune_lr0.001_s2lr0.01" / "results.json",
+         {"config": {"stage1.lr": 1e-3}, "accuracy": {"val200": 0.99}})
+  sc = study._scores(str(tmp_path), "dora")
+  assert sc["val200_best"] == {"cifar10": 0.78} and sc["lr"] == {"cifar10": 1e-3}  # tie: the smaller lr
+  assert sc["edge"] == {"cifar10": False}
+  assert sc["mean"] != sc["mean"]  # NaN: animal_mnist's grid is incomplete and cifar10_t5 absent
+  assert study._scores(str(tmp_path), "ssf") is None
