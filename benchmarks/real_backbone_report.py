@@ -232,7 +232,7 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
         "Recipe: " + ", ".join(f"`{k}={v}`" for k, v in RECIPE.items()) + "; knobs chosen on val200: "
         + (", ".join(f"`{k}={v}`" for k, v in knobs["overrides"].items()) or "the defaults") + ".", "",
         *([f"**Scope of this run:** {not_run}", ""] if not_run else []),
-        f"## Test top-1 (%), {seeds} seeds", "",
+        f"## Test top-1 (%), {seeds} seed{'s' if seeds != 1 else ''}", "",
         "train800val200 -> test, every choice made on val200 (train800 -> val200). Mean ± sample std over the "
         f"seeds; the mean over tasks is each seed's mean over the {len(TASKS)} tasks, then mean ± std over seeds.", ""]
   md += t_lines
@@ -242,7 +242,10 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
          "interval that excludes 0.", ""]
   md += d_lines
   md += ["", "## Choices on val200", "", "### The method's knobs (dropout row = DMLoRA's stage 1)", ""]
-  md += knob_table(knobs, [t for t in ALL_TASKS if any(t in s["val200_best"] for s in knobs["scores"].values())])
+  if knobs["scores"]:
+    md += knob_table(knobs, [t for t in ALL_TASKS if any(t in s["val200_best"] for s in knobs["scores"].values())])
+  else:
+    md += ["Not run in this study directory (`--knobs`): the defaults stand."]
   md += ["", f"Chosen: {knobs['chosen']}.", ""]
   if method_knobs:
     md += ["### The comparison methods' own knobs (tune runs, val200)", "",
