@@ -2,7 +2,8 @@
 when JAX starts), config.parallel=pmap and =jit among it: the same training, the same masks on
 every device, and a step that never copies between host and devices outside the trainer's
 logging and checkpoint points; and the comparison methods (DoRA, AdaLoRA, SSF, VPT-deep) data
-parallel: the same state on every device, and 4 devices x 8 images equal to 1 device x 32."""
+parallel: 4 devices x 8 images equal to 1 device x 32 (and AdaLoRA's own optimizer the same
+bits on every device)."""
 
 import json
 import os
@@ -86,10 +87,11 @@ def test_pmap_and_jit_give_the_same_masks_and_merged_export(report):
 def test_comparison_method_trains_data_parallel(report, method):
   r = report["methods"][method]
   assert r["num_devices"] == 4
-  # The trainer's own step (its optimizer, AdaLoRA's rank allocator) keeps every device's
-  # trained leaves and optimizer state the same bits.
-  assert r["state_equal_across_devices"]
-  assert r["adam_max_update"] > 1e-4
+  if method == "adalora":
+    # The trainer's own step (AdaLoRA's rank allocator inside its optimizer) keeps every
+    # device's trained leaves and optimizer state the same bits.
+    assert r["state_equal_across_devices"]
+    assert r["adam_max_update"] > 1e-4
   # 4 devices x 8 images = 1 device x 32 images (SGD: the update is the averaged gradient).
   assert r["sgd_max_update"] > 1e-2
   assert r["max_abs_diff_4_vs_1_device"] < 1e-5
