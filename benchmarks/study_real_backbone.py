@@ -139,8 +139,11 @@ def archive(out: str, backbone_path: str, data_root: str, to: str = ARCHIVE) -> 
   for rel in _runs(out):
     if rel.startswith("backbone" + os.sep):
       continue
-    with open(os.path.join(out, rel)) as f:
-      text = json.dumps(_swap(json.load(f), pairs), indent=1, sort_keys=True) + "\n"
+    try:
+      with open(os.path.join(out, rel)) as f:
+        text = json.dumps(_swap(json.load(f), pairs), indent=1, sort_keys=True) + "\n"
+    except (OSError, json.JSONDecodeError):  # being written right now: the next archive takes it
+      continue
     dst = os.path.join(to, rel)
     if os.path.exists(dst) and open(dst).read() == text:
       continue
@@ -328,6 +331,8 @@ def main(argv=None) -> int:
   p.add_argument("--archive", default=ARCHIVE,
                  help="where finished runs' results.json are kept and restored from ('' for neither; "
                       "default benchmarks/results/real_backbone_runs)")
+  p.add_argument("--archive_every", type=float, default=600,
+                 help="also archive every this many seconds while the study runs (0: only after each phase)")
   p.add_argument("--tasks", default=",".join(TASKS), help="main phase: the tasks (default all three)")
   p.add_argument("--rows", default=",".join(ROWS), help="main phase: the rows (default all)")
   p.add_argument("--seeds", type=int, default=SEEDS, help=f"main phase: seeds per row and task (default {SEEDS})")
@@ -371,6 +376,18 @@ def main(argv=None) -> int:
   def keep_runs():
     if keep:
       archive(out, common["model.init_checkpoint"], common["data.root"], args.archive)
+
+  if keep and args.phase != "archive" and args.archive_every > 0:
+    import threading
+
+    def every():  # a study stopped mid-phase keeps what finished (the archive is in the working tree)
+      while True:
+        time.sleep(args.archive_every)
+        try:
+          keep_runs()
+        except Exception as e:  # never take the study down
+          print(f"archive: skipped ({type(e).__name__}: {e})", flush=True)
+    threading.Thread(target=every, daemon=True).start()
 
   if args.phase == "archive":
     if not keep:
