@@ -161,7 +161,6 @@ def plot_acc_vs_params(runs: dict, tasks, path: str) -> bool:
   every task (mean over its seeds), error bars the std over seeds of the mean over tasks."""
   import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   pts = []
   for row, by_task in runs.items():
     if not all(t in by_task for t in tasks):
@@ -174,20 +173,8 @@ def plot_acc_vs_params(runs: dict, tasks, path: str) -> bool:
     if means:
       params = np.mean([x["trainable_params"] for t in tasks for x in by_task[t]])
       pts.append((row, params, np.mean(means), np.std(means, ddof=1) if len(means) > 1 else 0.0))
-  if not pts:
-    return False
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  for row, n, m, sd in pts:
-    ax.errorbar(n, m, yerr=sd, fmt="o", capsize=3)
-    ax.annotate(row, (n, m), textcoords="offset points", xytext=(5, 4), fontsize=8)
-  ax.set_xscale("log")
-  ax.set_xlabel("trainable parameters (head included)")
-  ax.set_ylabel(f"test top-1 %, mean over {len(tasks)} task(s)")
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return True
+  return sweep_report.draw_acc_vs_params(pts, path, "trainable parameters (head included)",
+                                         f"test top-1 %, mean over {len(tasks)} task(s)")
 
 
 def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict, rows, tasks,

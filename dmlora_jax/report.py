@@ -294,23 +294,38 @@ def plot_drop_schedule(runs: dict, path: str) -> bool:
   return True
 
 
-def plot_acc_vs_params(rows: list[dict], cols: list[str], runs: dict, path: str) -> bool:
-  """Mean test accuracy over the tasks present against trainable parameters, per method."""
+def draw_acc_vs_params(points: list[tuple], path: str, xlabel: str, ylabel: str) -> bool:
+  """Test top-1 against trainable parameters (log x), one labelled point per row: points are
+  (row, params, accuracy %, std or None); a std draws an error bar. False if there is none."""
   import matplotlib.pyplot as plt
+  if not points:
+    return False
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  for row, by_task in runs.items():
-    per_task = [np.mean([x["accuracy"]["test"] for x in rs]) for rs in by_task.values()]
-    params = np.mean([x["trainable_params"] for rs in by_task.values() for x in rs])
-    ax.scatter(params, 100 * np.mean(per_task), s=40)
-    ax.annotate(row, (params, 100 * np.mean(per_task)), textcoords="offset points", xytext=(5, 4), fontsize=8)
+  for row, n, m, sd in points:
+    if sd is None:
+      ax.scatter(n, m, s=40)
+    else:
+      ax.errorbar(n, m, yerr=sd, fmt="o", capsize=3)
+    ax.annotate(row, (n, m), textcoords="offset points", xytext=(5, 4), fontsize=8)
   ax.set_xscale("log")
-  ax.set_xlabel("trainable parameters (mean over tasks, head included)")
-  ax.set_ylabel(f"test top-1 %, mean over the {len({t for r in runs.values() for t in r})} task(s) present")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return True
+
+
+def plot_acc_vs_params(rows: list[dict], cols: list[str], runs: dict, path: str) -> bool:
+  """Mean test accuracy over the tasks present against trainable parameters, per method."""
+  points = []
+  for row, by_task in runs.items():
+    per_task = [np.mean([x["accuracy"]["test"] for x in rs]) for rs in by_task.values()]
+    params = np.mean([x["trainable_params"] for rs in by_task.values() for x in rs])
+    points.append((row, params, 100 * np.mean(per_task), None))
+  return draw_acc_vs_params(points, path, "trainable parameters (mean over tasks, head included)",
+                            f"test top-1 %, mean over the {len({t for r in runs.values() for t in r})} task(s) present")
 
 
 # ---- entry point ----
