@@ -502,7 +502,8 @@ class Sweep:
 
   def __call__(self) -> int:
     self.say(f"Sweep: {len(self.args.rows)} row(s) x {len(self.args.tasks)} task(s) x "
-             f"({len(self.args.lrs)} lr + {len(self.args.seeds)} seed) = {self.total} runs in {self.out}"
+             f"({len(self.args.lrs)} lr" + (", tune only" if self.args.tune_only else f" + {len(self.args.seeds)} seed")
+             + f") = {self.total} runs in {self.out}"
              + (f", {self.args.jobs} at a time (outputs in each run's train.log)" if self.args.jobs > 1 else ""))
     pairs = [(row, task) for row in self.args.rows for task in self.args.tasks]
     self.finished = {pair: threading.Event() for pair in pairs}

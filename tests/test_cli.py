@@ -64,8 +64,8 @@ def test_batch_not_divisible_by_device_count_is_one_line(base, tmp_path):
 def test_readme_main_command_runs_the_demo_end_to_end(tmp_path):
   """configs/demo.py as in the README (fewer epochs to keep CI short): both stages, export, eval."""
   wd = str(tmp_path / "demo")
-  r = run_main(["--config=configs/demo.py", f"--workdir={wd}", "--config.stage1.epochs=2",
-                "--config.stage2.epochs=1"])
+  r = run_main(["--config=configs/demo.py", f"--workdir={wd}", "--config.stage1.epochs=1",
+                "--config.stage1.warmup_epochs=1", "--config.stage2.epochs=1"])
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Stage 2 (2S-LS)" in r.stdout and "top-1 test" in r.stdout and "merged export" in r.stdout
   res = json.load(open(os.path.join(wd, "results.json")))

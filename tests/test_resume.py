@@ -18,9 +18,9 @@ from task_files import vtab_root
 from trainer_utils import logged_step, run_main, subprocess_env
 
 ARGS = ["--config=configs/vtab1k.py:task=digits", f"--config.data.root={vtab_root()}",
-        "--config.model.variant=mini/4", "--config.model.init_checkpoint=", "--config.data.image_size=32",
+        "--config.model.variant=mini/4", "--config.model.init_checkpoint=", "--config.data.image_size=16",
         "--config.batch_size=32", "--config.stage1.epochs=3", "--config.stage1.warmup_epochs=1",
-        "--config.stage2.epochs=1", "--config.dmlora.drop_start=0.3", "--config.checkpoint_every=10",
+        "--config.stage2.epochs=1", "--config.dmlora.drop_start=0.3", "--config.checkpoint_every=25",
         "--config.log_every=1", "--config.data.num_workers=2"]
 ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 STAGE1, TOTAL = 3 * (1000 // 32), 4 * (1000 // 32)
@@ -53,7 +53,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_kill_and_sigterm_then_resume_give_a_bitwise_equal_export(uninterrupted, tmp_path):
   wd = str(tmp_path / "interrupted")
-  rc, _, _ = _start_and_signal(wd, signal.SIGKILL, after_step=15)
+  rc, _, _ = _start_and_signal(wd, signal.SIGKILL, after_step=30)  # past the checkpoint of step 25
   assert rc == -signal.SIGKILL
   assert not os.path.exists(os.path.join(wd, "results.json"))
   rc, out, err = _start_and_signal(wd, signal.SIGTERM, after_step=STAGE1 + 5)  # in stage 2

@@ -2,6 +2,7 @@
 archive/restore): machine paths become placeholders and come back as the new machine's paths, and an
 archive made with another backbone restores nothing."""
 
+import hashlib
 import json
 import os
 import sys
@@ -92,3 +93,17 @@ def test_scores_read_the_tune_runs_of_a_whole_grid(tmp_path):
   assert sc["edge"] == {"cifar10": False}
   assert sc["mean"] != sc["mean"]  # NaN: animal_mnist's grid is incomplete and cifar10_t5 absent
   assert study._scores(str(tmp_path), "ssf") is None
+
+
+def test_backbone_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+  # archive() runs every --archive_every seconds; the 88 MB backbone is hashed once per version.
+  calls = []
+  real = study._sha256_of_file
+  monkeypatch.setattr(study, "_sha256_of_file", lambda p: calls.append(p) or real(p))
+  f = tmp_path / "m.npz"
+  f.write_bytes(b"weights one")
+  first = study._sha256(str(f))
+  assert first == hashlib.sha256(b"weights one").hexdigest()
+  assert study._sha256(str(f)) == first and len(calls) == 1
+  f.write_bytes(b"weights two, longer")  # another size (and mtime): hashed again
+  assert study._sha256(str(f)) == hashlib.sha256(b"weights two, longer").hexdigest() and len(calls) == 2

@@ -19,7 +19,7 @@ from trainer_utils import make_trainer, tiny_config
 def learned(tmp_path_factory):
   """One real run: random init, DMLoRA on all six projections, both stages."""
   wd = str(tmp_path_factory.mktemp("learn"))
-  c = tiny_config(epochs=8, stage2_epochs=1, image_size=32, **{
+  c = tiny_config(epochs=8, stage2_epochs=1, image_size=16, **{
       "stage1.lr": 3e-3, "dmlora.targets": ("query", "key", "value", "out", "Dense_0", "Dense_1")})
   return wd, c, trainer.train_and_evaluate(c, wd)
 
@@ -173,21 +173,22 @@ def test_frozen_leaves_are_bit_identical_after_training(drop_trainer):
 
 
 def _step_flops(method, tmp_path, **over):
+  """FLOPs of the stage-1 step's program as JAX lowers it (before XLA's optimizations: the
+  gradients it asks for, not what XLA might remove later; no compile needed)."""
   t = make_trainer(tiny_config(method=method, image_size=16, **{"model.variant": "mini/4", **over}),
                    str(tmp_path / method))
   state = steps.replicate(t.s.host_state(1, t.plan), t.devices)
-  compiled = t.train_step(1)[0].lower(state, _one_batch(t), jax.random.key(0)).compile()
-  cost = compiled.cost_analysis()
+  cost = t.train_step(1)[0].lower(state, _one_batch(t), jax.random.key(0)).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
 
 
-def test_compiled_stage1_step_skips_frozen_weight_gradients(tmp_path):
+def test_stage1_step_program_skips_frozen_weight_gradients(tmp_path):
   full = _step_flops("full", tmp_path)
   dml = _step_flops("dmlora", tmp_path)
   linear = _step_flops("linear", tmp_path)
   # Backprop through a frozen layer costs its input gradient only (~1 forward), not the
-  # weight gradient too (~1 more): a PEFT step is ~2/3 of a full step.
+  # weight gradient too (~1 more): a PEFT step is ~2/3 of a full step (0.69 here).
   assert dml < 0.75 * full, (dml, full)
   assert linear < dml
 

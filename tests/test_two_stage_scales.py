@@ -42,7 +42,7 @@ def _teacher_and_student(c, teacher_log_ratio):
 def _stage2(c, model, teacher, student, steps=300):
   """Distils the teacher's predictions into the student's scales with the trainer's stage-2
   optimizer (only the scales move). Returns the student's params and the loss per step."""
-  x = jax.random.normal(jax.random.key(1), (128, 16, 16, 3))
+  x = jax.random.normal(jax.random.key(1), (64, 16, 16, 3))
   target = jax.nn.softmax(model.apply({"params": teacher}, x))
   method = methods.get(c.method)
   trainable, frozen = partition.split(student, method.owned)

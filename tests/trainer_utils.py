@@ -4,16 +4,15 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
-from conftest import REPO
+from conftest import REPO, XLA_CACHE
 from dmlora_jax import config_base, data, setup, training
 from task_files import vtab_root
 
-# Subprocess runs of the same model share XLA's persistent compilation cache: the same
-# program, compiled once per test session (the cached executable gives bit-identical results).
-_CACHE = tempfile.mkdtemp(prefix="dmlora_jax_test_xla_cache_")
-SUBPROCESS_ENV = {"JAX_COMPILATION_CACHE_DIR": _CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+# Subprocess runs share the session's XLA persistent compilation cache (conftest.XLA_CACHE):
+# the same program, compiled once per test session (the cached executable gives bit-identical
+# results).
+SUBPROCESS_ENV = {"JAX_COMPILATION_CACHE_DIR": XLA_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "PYTHONPATH": REPO}
 
 
