@@ -104,7 +104,20 @@ METHOD_KNOBS = {
 ARCHIVE = os.path.join(REPO, "benchmarks", "results", "real_backbone_runs")
 
 
+_SHA_CACHE: dict = {}
+
+
 def _sha256(path: str) -> str:
+  """The file's sha256, hashed once per (path, size, mtime) in this process: archive() runs every
+  --archive_every seconds and the backbone is 88 MB."""
+  st = os.stat(path)
+  key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+  if key not in _SHA_CACHE:
+    _SHA_CACHE[key] = _sha256_of_file(path)
+  return _SHA_CACHE[key]
+
+
+def _sha256_of_file(path: str) -> str:
   import hashlib
   h = hashlib.sha256()
   with open(path, "rb") as f:
