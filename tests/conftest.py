@@ -26,8 +26,7 @@ tempfile.tempdir = SESSION_TMP
 # One XLA compilation cache for the whole session (both xdist workers and every subprocess
 # they start): the many tiny trainings compile the same few programs; only compile time
 # changes, never a result (a cached executable is the program XLA would compile again).
-XLA_CACHE = os.path.join(SHARED_TMP, "xla_cache")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = XLA_CACHE
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(SHARED_TMP, "xla_cache")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 

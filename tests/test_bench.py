@@ -18,14 +18,14 @@ FIELDS = ("train_images_per_s", "eval_images_per_s", "compile_s", "eval_compile_
 def test_bench_json_has_every_field_with_sane_values(tmp_path):
   path = tmp_path / "bench.json"
   bench.main(["--variant", "tiny/4", "--image_size", "16", "--per_device_batch", "4", "--steps", "2",
-              "--eval_steps", "1", "--methods", "linear,lora,dmlora", "--num_branches", "2", "--rank", "2",
+              "--eval_steps", "1", "--methods", "full,linear,lora,dmlora", "--num_branches", "2", "--rank", "2",
               "--per_branch_lora", "0", "--matmul_size", "128", "--in_process", "1", "--logits_images", "2",
               f"--json={path}", f"--markdown={tmp_path / 'bench.md'}"])
   res = json.loads(path.read_text())
   assert res["settings"]["batch_size"] == 4  # --per_device_batch 4 x 1 CPU device
   assert (tmp_path / "bench.md").read_text().startswith("| row |")
   rows = res["methods"]
-  assert set(rows) == {"linear", "lora", "dmlora"}
+  assert set(rows) == {"full", "linear", "lora", "dmlora"}
   for name, m in rows.items():
     for f in FIELDS:
       assert isinstance(m[f], (int, float)) and math.isfinite(m[f]) and m[f] > 0, (name, f, m[f])
@@ -34,13 +34,15 @@ def test_bench_json_has_every_field_with_sane_values(tmp_path):
     faults = m["train_step_minor_faults"]
     assert len(faults) == 2 and all(isinstance(f, int) and f >= 0 for f in faults), (name, faults)
     assert m["achieved_flops_per_s"] == m["step_flops"] / m["train_step_s"]
+  assert rows["full"]["trainable_params"] == rows["full"]["total_params"]
   for name in ("linear", "lora", "dmlora"):
     assert rows[name]["trainable_params"] < rows[name]["total_params"]
   assert rows["linear"]["trainable_params"] < rows["lora"]["trainable_params"]
   # LoRA defaults to DMLoRA's total rank (K * r = 4): the same adapter parameter count.
   assert rows["lora"]["rank"] == 4 and rows["lora"]["trainable_params"] == rows["dmlora"]["trainable_params"]
-  # Skipping frozen weight gradients shows in XLA's FLOP count (full fine-tuning against a
-  # PEFT step: test_trainer.py's program FLOPs; here, the linear probe backprops through nothing).
+  # Skipping frozen weight gradients shows in XLA's FLOP count of the compiled step; the
+  # linear probe backprops through nothing.
+  assert rows["lora"]["step_flops"] < rows["full"]["step_flops"]
   assert rows["linear"]["step_flops"] < rows["lora"]["step_flops"]
 
   for m in rows.values():  # no peak FLOP/s is known for a CPU

@@ -5,19 +5,14 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, XLA_CACHE
+from conftest import REPO
 from dmlora_jax import config_base, data, setup, training
 from task_files import vtab_root
 
-# Subprocess runs share the session's XLA persistent compilation cache (conftest.XLA_CACHE):
-# the same program, compiled once per test session (the cached executable gives bit-identical
-# results).
-SUBPROCESS_ENV = {"JAX_COMPILATION_CACHE_DIR": XLA_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "PYTHONPATH": REPO}
-
-
 def subprocess_env(**extra) -> dict:
-  return {**os.environ, **SUBPROCESS_ENV, **extra}
+  """This process's environment (conftest puts the session's XLA compilation cache in it, so
+  subprocess runs share the compiled programs) with the repository importable."""
+  return {**os.environ, "PYTHONPATH": REPO, **extra}
 
 
 def tiny_config(method="dmlora", epochs=1, stage2_epochs=1, image_size=16, batch_size=32, **over):
