@@ -16,6 +16,43 @@ PAIRS = (("dmlora", "lora"), ("dropout", "multibranch"), ("dmlora", "dropout"), 
          ("full", "lora"), ("dmlora", "dora"), ("dmlora", "adalora"), ("dmlora", "ssf"), ("dmlora", "vpt_deep"))
 
 
+UNRECORDED = "machine not recorded"
+
+
+def cpu_name() -> str:
+  """This machine's CPU model (/proc/cpuinfo), or its architecture where that is not readable."""
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    if name:
+      return name
+  return platform.machine()
+
+
+def add_time(times: dict, phase: str, seconds: float, cpu: str | None = None) -> None:
+  """times[phase][cpu] += seconds. The study may run in parts on different machines (it
+  resumes); each part's time is kept under the CPU it ran on. A phase time written before
+  times were kept per CPU (a plain number) is kept under UNRECORDED."""
+  entry = times.get(phase, {})
+  entry = {UNRECORDED: float(entry)} if isinstance(entry, (int, float)) else dict(entry)
+  cpu = cpu or cpu_name()
+  entry[cpu] = entry.get(cpu, 0.0) + seconds
+  times[phase] = entry
+
+
+def time_summary(times: dict) -> str:
+  """'4.9 h on 2 CPU cores (AMD EPYC 2.1 h, machine not recorded 2.8 h); phases: knobs 0.0 h, main 4.9 h'."""
+  per_phase = {k: ({UNRECORDED: float(v)} if isinstance(v, (int, float)) else v) for k, v in times.items()}
+  per_cpu = {}
+  for entry in per_phase.values():
+    for cpu, sec in entry.items():
+      per_cpu[cpu] = per_cpu.get(cpu, 0.0) + sec
+  wall = sum(per_cpu.values())
+  cpus = ", ".join(f"{cpu} {sec / 3600:.1f} h" for cpu, sec in sorted(per_cpu.items(), key=lambda kv: -kv[1]))
+  return (f"{wall / 3600:.1f} h on {os.cpu_count()} CPU cores ({cpus or 'nothing run'}); phases: "
+          + ", ".join(f"{k} {sum(v.values()) / 3600:.1f} h" for k, v in per_phase.items()))
+
+
 def _pct(v) -> str:
   return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
@@ -209,13 +246,9 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
   t_lines, t_data = test_table(runs, ROWS, TASKS)
   d_lines, d_data = diff_table(runs)
   s_lines, s_data = stage2_table(main_out, TASKS)
-  wall = sum(times.values())
-  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine()) \
-      if os.path.exists("/proc/cpuinfo") else platform.machine()
   md = [f"# The real-backbone study{' (SMOKE: pipeline check, numbers mean nothing)' if smoke else ''}", "",
         f"Command: `{command or 'python benchmarks/study_real_backbone.py --out runs/study_real'}` "
-        f"(run time {wall / 3600:.1f} h on {os.cpu_count()} CPU cores, {cpu}; phases: "
-        + ", ".join(f"{k} {v / 3600:.1f} h" for k, v in times.items()) + ").",
+        f"(run time {time_summary(times)}).",
         "Recipe: " + ", ".join(f"`{k}={v}`" for k, v in RECIPE.items()) + "; knobs chosen on val200: "
         + (", ".join(f"`{k}={v}`" for k, v in knobs["overrides"].items()) or "the defaults") + ".", "",
         *([f"**Scope of this run:** {not_run}", ""] if not_run else []),

@@ -107,3 +107,17 @@ def test_backbone_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
   assert study._sha256(str(f)) == first and len(calls) == 1
   f.write_bytes(b"weights two, longer")  # another size (and mtime): hashed again
   assert study._sha256(str(f)) == hashlib.sha256(b"weights two, longer").hexdigest() and len(calls) == 2
+
+
+def test_run_time_is_kept_per_cpu_and_old_totals_stay_unattributed():
+  import real_backbone_report as rep
+  times = {"knobs": 360.0, "main": 7200.0}  # written before times were kept per CPU
+  rep.add_time(times, "main", 1800.0, cpu="AMD EPYC")
+  rep.add_time(times, "main", 1800.0, cpu="AMD EPYC")
+  rep.add_time(times, "report", 36.0, cpu="Intel Xeon")
+  assert times == {"knobs": 360.0, "main": {rep.UNRECORDED: 7200.0, "AMD EPYC": 3600.0},
+                   "report": {"Intel Xeon": 36.0}}
+  text = rep.time_summary(times)
+  # 7200 + 360 unrecorded, 3600 EPYC, 36 Xeon: 11196 s = 3.1 h; largest part first.
+  assert text.startswith(f"3.1 h on {os.cpu_count()} CPU cores ({rep.UNRECORDED} 2.1 h, AMD EPYC 1.0 h, Intel Xeon 0.0 h)")
+  assert text.endswith("phases: knobs 0.1 h, main 3.0 h, report 0.0 h")
