@@ -41,7 +41,8 @@ def add_time(times: dict, phase: str, seconds: float, cpu: str | None = None) ->
 
 
 def time_summary(times: dict) -> str:
-  """'4.9 h on 2 CPU cores (AMD EPYC 2.1 h, machine not recorded 2.8 h); phases: knobs 0.0 h, main 4.9 h'."""
+  """'4.9 h on 2 CPU cores; by machine: AMD EPYC 2.1 h, machine not recorded 2.8 h; by phase: knobs 0.0 h,
+  main 4.9 h'."""
   per_phase = {k: ({UNRECORDED: float(v)} if isinstance(v, (int, float)) else v) for k, v in times.items()}
   per_cpu = {}
   for entry in per_phase.values():
@@ -49,7 +50,7 @@ def time_summary(times: dict) -> str:
       per_cpu[cpu] = per_cpu.get(cpu, 0.0) + sec
   wall = sum(per_cpu.values())
   cpus = ", ".join(f"{cpu} {sec / 3600:.1f} h" for cpu, sec in sorted(per_cpu.items(), key=lambda kv: -kv[1]))
-  return (f"{wall / 3600:.1f} h on {os.cpu_count()} CPU cores ({cpus or 'nothing run'}); phases: "
+  return (f"{wall / 3600:.1f} h on {os.cpu_count()} CPU cores; by machine: {cpus or 'nothing run'}; by phase: "
           + ", ".join(f"{k} {sum(v.values()) / 3600:.1f} h" for k, v in per_phase.items()))
 
 
