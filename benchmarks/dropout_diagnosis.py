@@ -35,15 +35,14 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dmlora_jax import data, config_base, dmlora, merge, pytrees, schedules, setup, trainer  # noqa: E402
+from dmlora_jax import data, config_base, dmlora, merge, schedules, setup, trainer  # noqa: E402
+from dmlora_jax.checkpointing import ResumeError  # noqa: E402
 from dmlora_jax.data import normalize  # noqa: E402
 from dmlora_jax.pytrees import flatten, unflatten  # noqa: E402
-from dmlora_jax.training import restore_trainable  # noqa: E402
 
 
 def run_config(workdir: str):
@@ -85,12 +84,10 @@ def branch_geometry(params: dict) -> dict:
 
 def diagnose(workdir: str, samples: int, seed: int) -> dict:
   config = run_config(workdir)
-  config, task, s = trainer._prepare(config)  # train800 decoded too: the fit is measured on it
-  got = restore_trainable(s, s.plan(task.train.num_examples_global), workdir)
-  if got is None:
+  try:  # train800 decoded too: the fit is measured on it
+    config, task, _, params = trainer._restored_params(config, workdir, need_eval=True, need_train=True)
+  except ResumeError:
     return None
-  trainable, _ = got
-  params = pytrees.join(s.frozen, trainable)
   plain = setup.build_model(config, task.num_classes)
   norm = config.data.normalization
 
@@ -117,7 +114,10 @@ def diagnose(workdir: str, samples: int, seed: int) -> dict:
   val_logits = outputs(merged, val)
   res["val200_top1"], res["val200_nll"] = scores(val_logits, val.labels)
   res.update(branch_geometry(params))
-  if samples and config.dmlora.num_branches > 1:  # multibranch too: a control never trained masked
+  # The run's own branch count (LoRA's one branch is never dropped): multibranch too, as a
+  # control never trained masked.
+  branches = flatten(params)[f"{merge.adapted_modules(params)[0]}/{dmlora.LORA_A}"].shape[0]
+  if samples and branches > 1:
     p_end = float(config.dmlora.drop_end)
     key = jax.random.PRNGKey(seed)
     probs, singles = 0.0, []

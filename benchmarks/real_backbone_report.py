@@ -4,12 +4,11 @@ import glob
 import json
 import math
 import os
-import platform
 import re
 
 import numpy as np
 
-from dmlora_jax import report as sweep_report
+from dmlora_jax import hostmem, report as sweep_report
 
 PAIRS = (("dmlora", "lora"), ("dropout", "multibranch"), ("dmlora", "dropout"), ("multibranch", "lora"),
          ("dropout", "lora"), ("dmlora_block", "dropout"), ("dmlora", "dmlora_block"), ("lora", "linear"),
@@ -19,23 +18,17 @@ PAIRS = (("dmlora", "lora"), ("dropout", "multibranch"), ("dmlora", "dropout"), 
 UNRECORDED = "machine not recorded"
 
 
-def cpu_name() -> str:
-  """This machine's CPU model (/proc/cpuinfo), or its architecture where that is not readable."""
-  if os.path.exists("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-    if name:
-      return name
-  return platform.machine()
+def _by_cpu(entry) -> dict:
+  """A phase's times by CPU; a plain number (written before times were kept per CPU) is UNRECORDED's."""
+  return {UNRECORDED: float(entry)} if isinstance(entry, (int, float)) else dict(entry)
 
 
 def add_time(times: dict, phase: str, seconds: float, cpu: str | None = None) -> None:
   """times[phase][cpu] += seconds. The study may run in parts on different machines (it
   resumes); each part's time is kept under the CPU it ran on. A phase time written before
   times were kept per CPU (a plain number) is kept under UNRECORDED."""
-  entry = times.get(phase, {})
-  entry = {UNRECORDED: float(entry)} if isinstance(entry, (int, float)) else dict(entry)
-  cpu = cpu or cpu_name()
+  entry = _by_cpu(times.get(phase, {}))
+  cpu = cpu or hostmem.cpu_model()
   entry[cpu] = entry.get(cpu, 0.0) + seconds
   times[phase] = entry
 
@@ -43,7 +36,7 @@ def add_time(times: dict, phase: str, seconds: float, cpu: str | None = None) ->
 def time_summary(times: dict) -> str:
   """'4.9 h on 2 CPU cores; by machine: AMD EPYC 2.1 h, machine not recorded 2.8 h; by phase: knobs 0.0 h,
   main 4.9 h'."""
-  per_phase = {k: ({UNRECORDED: float(v)} if isinstance(v, (int, float)) else v) for k, v in times.items()}
+  per_phase = {k: _by_cpu(v) for k, v in times.items()}
   per_cpu = {}
   for entry in per_phase.values():
     for cpu, sec in entry.items():

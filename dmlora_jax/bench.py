@@ -31,7 +31,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -416,13 +415,7 @@ def compile_table(res: dict) -> str:
 
 
 def hardware() -> dict:
-  model = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return {"cpu_model": model, "cpu_count": os.cpu_count(), "devices": [str(d) for d in jax.local_devices()],
+  return {"cpu_model": hostmem.cpu_model(), "cpu_count": os.cpu_count(), "devices": [str(d) for d in jax.local_devices()],
           "device_kind": jax.local_devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "host_malloc": hostmem.status(),
           "load_average_1_5_15": list(os.getloadavg())}

@@ -82,6 +82,15 @@ def reexec_with_hugepages() -> None:
   os.execve(sys.executable, [sys.executable, *argv[1:]], dict(os.environ, GLIBC_TUNABLES=new))
 
 
+def cpu_model() -> str:
+  """This host's CPU model name (/proc/cpuinfo), or what `platform` knows where that is not readable."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
 def status() -> str:
   """One line for logs and benchmark records."""
   value = os.environ.get("GLIBC_TUNABLES", "")

@@ -165,9 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   return results
 
 
-def _restored_params(config, workdir: str, need_eval: bool):
-  # Only the train split's example count is needed (the resume checks); its images are not.
-  config, task, s = _prepare(config, decode_train=False, decode_eval=need_eval)
+def _restored_params(config, workdir: str, need_eval: bool, need_train: bool = False):
+  # The train split's example count is needed (the resume checks); its images only where asked.
+  config, task, s = _prepare(config, decode_train=need_train, decode_eval=need_eval)
   plan = s.plan(task.train.num_examples_global)
   got = restore_trainable(s, plan, workdir)
   if got is None:
