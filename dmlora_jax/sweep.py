@@ -147,9 +147,16 @@ def run_overrides(spec: RunSpec, out: str | None = None) -> dict:
   if spec.stage2_lr is not None:
     over["stage2.lr"] = float(spec.stage2_lr)
   src = spec.stage1_source()
-  if src is not None and out is not None:
+  if src is not None and out is not None and stage1_kept(src, out):
     over["stage2.init_from"] = os.path.abspath(src.workdir(out))
   return over
+
+
+def stage1_kept(src: RunSpec, out: str) -> bool:
+  """Whether the stage-1 source run kept its checkpoints. A run restored from results.json
+  alone (an archive) has none: the continuing run then trains its own stage 1, the same
+  configuration and seed, instead of failing on the missing checkpoint."""
+  return os.path.isdir(os.path.join(src.workdir(out), "checkpoints"))
 
 
 def run_config(base: ml_collections.ConfigDict, overrides: dict, spec: RunSpec,
@@ -333,6 +340,10 @@ class Sweep:
         self.count("skipped")
         self.say(f"{head}: done before, skipped ({_acc_str(done)})")
         return done if done is not None else {"accuracy": {}}
+      src = spec.stage1_source()
+      if src is not None and not stage1_kept(src, self.out):
+        self.say(f"{head}: {src.workdir(self.out)} kept no checkpoints (restored from its results.json?): "
+                 "this run trains its own stage 1 (same configuration and seed) before stage 2")
       if self.args.isolate and self.args.jobs > 1:
         cpus = self.slots.get()  # wait for a free share of the CPUs
         try:

@@ -173,6 +173,26 @@ def test_unfinished_run_resumes_from_its_checkpoint(swept, tmp_path):
   assert len(open(os.path.join(wd, "metrics.jsonl")).readlines()) == metric_lines
 
 
+def test_a_stage1_source_without_checkpoints_is_trained_again_not_failed(swept, tmp_path, capsys):
+  # A study restored from an archive has the dropout runs' results.json only; a dmlora run that
+  # continues one of them trains its own stage 1 (same config and seed) and ends where the
+  # run that continued the checkpoint ended.
+  out = _copy(swept, tmp_path)
+  src = os.path.join(out, "dropout", "digits", "final_seed1")
+  wd = os.path.join(out, "dmlora", "digits", "final_seed1")
+  old = _results(wd)
+  shutil.rmtree(os.path.join(src, "checkpoints"))
+  shutil.rmtree(wd)
+  sweep.main(sweep_args(out))
+  summary = json.load(open(os.path.join(out, "sweep.json")))
+  assert summary["counts"]["ran"] == 1 and not any("digits" in f["run"] for f in summary["failed"])
+  assert "kept no checkpoints" in capsys.readouterr().out
+  new = _results(wd)
+  assert "stage2.init_from" not in new["config"] or not new["config"]["stage2.init_from"]
+  assert {json.loads(l)["stage"] for l in open(os.path.join(wd, "metrics.jsonl"))} == {1, 2}
+  assert new["accuracy"] == old["accuracy"]
+
+
 # ---- the pieces ----
 
 def test_select_lr_takes_the_best_val_and_the_first_of_ties():
