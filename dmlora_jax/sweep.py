@@ -155,8 +155,10 @@ def run_overrides(spec: RunSpec, out: str | None = None) -> dict:
 def stage1_kept(src: RunSpec, out: str) -> bool:
   """Whether the stage-1 source run kept its checkpoints. A run restored from results.json
   alone (an archive) has none: the continuing run then trains its own stage 1, the same
-  configuration and seed, instead of failing on the missing checkpoint."""
-  return os.path.isdir(os.path.join(src.workdir(out), "checkpoints"))
+  configuration and seed, instead of failing on the missing checkpoint. An empty checkpoints/
+  folder counts as none."""
+  ckpt = os.path.join(src.workdir(out), "checkpoints")
+  return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
 
 
 def run_config(base: ml_collections.ConfigDict, overrides: dict, spec: RunSpec,

@@ -68,7 +68,10 @@ def refuse_other_runs(s: Setup, plan: Plan, directory: str, meta: dict, same_met
 
 def restore_trainable(s: Setup, plan: Plan, workdir: str) -> tuple[dict, dict] | None:
   """(trained leaves, meta) of the newest checkpoint of a workdir, without the optimizer
-  state (for export and evaluation), or None if there is none."""
+  state (for export and evaluation), or None if there is none. A workdir without checkpoints/
+  is left as it was (no empty folder that a continuing run would take for a source)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return None
   ckpt = Checkpointer(workdir, s.config.keep_checkpoints)
   try:
     def targets(meta):

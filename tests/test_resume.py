@@ -121,3 +121,13 @@ def test_resume_refuses_a_run_it_could_not_continue_exactly(uninterrupted, tmp_p
   r = run_main(ARGS + [f"--workdir={wd}", override], env_extra=ENV)
   assert r.returncode == 2
   assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_export_of_a_workdir_without_checkpoints_says_train_first_and_creates_nothing(tmp_path):
+  wd = str(tmp_path / "never_trained")
+  os.mkdir(wd)
+  r = run_main(["--mode=export"] + ARGS + [f"--workdir={wd}"], env_extra=ENV)
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "no checkpoint in" in lines[0] and "train first" in lines[0], r.stderr
+  assert os.listdir(wd) == []  # no empty checkpoints/ that a continuing run would take for a source

@@ -182,6 +182,7 @@ def test_a_stage1_source_without_checkpoints_is_trained_again_not_failed(swept, 
   wd = os.path.join(out, "dmlora", "digits", "final_seed1")
   old = _results(wd)
   shutil.rmtree(os.path.join(src, "checkpoints"))
+  os.mkdir(os.path.join(src, "checkpoints"))  # an empty folder (as a read-only restore may leave) is none
   shutil.rmtree(wd)
   sweep.main(sweep_args(out))
   summary = json.load(open(os.path.join(out, "sweep.json")))
