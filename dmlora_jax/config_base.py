@@ -410,8 +410,13 @@ def validate(config) -> None:
 def resolve(config) -> ml_collections.ConfigDict:
   """A validated copy of the config with the settings its method fixes applied (e.g.
   dmlora_block's stage2.granularity=block)."""
-  from dmlora_jax import methods
   validate(config)
+  return with_method_settings(config)
+
+
+def with_method_settings(config) -> ml_collections.ConfigDict:
+  """A copy of the config with the settings its method fixes applied (no validation)."""
+  from dmlora_jax import methods
   c = config.copy_and_resolve_references()
   for key, value in methods.get(c.method).settings:
     override(c, key, value)

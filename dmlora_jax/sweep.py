@@ -218,8 +218,9 @@ def read_results(workdir: str) -> dict | None:
 def stale_keys(results: dict, config) -> list[str]:
   """The config keys whose values differ between a finished run and the run wanted. The blocks
   of other methods (config.ssf for a dmlora row) do not count: a run made before such a block
-  existed is still the same run."""
-  want, have = config_base.canonical(flatten(config)), results.get("config", {})
+  existed is still the same run. The wanted config is compared as the trainer records it, with
+  the settings its method fixes applied (dmlora_block's stage2.granularity=block)."""
+  want, have = config_base.canonical(flatten(config_base.with_method_settings(config))), results.get("config", {})
   # A run written before a key existed ran at the key's default (config_base.LATER_KEYS);
   # model.remat compares as its policy (a run's False is today's "none").
   have = config_base.canonical({**{k: v for k, v in config_base.LATER_KEYS.items() if k not in have}, **have})

@@ -221,6 +221,19 @@ def test_a_run_is_the_base_config_the_command_line_and_its_row():
     sweep.run_config(c, {"dmlora.rnak": "4"}, spec)
 
 
+def test_a_finished_run_of_a_row_with_fixed_settings_is_not_stale():
+  # dmlora_block fixes stage2.granularity=block; its results.json records the resolved config,
+  # so a second sweep must find it the same run (it once refused every one as "stale").
+  c = sweep.load_config(sweep.BENCHMARKS["vtab1k"], "cifar")
+  spec = sweep.RunSpec("dmlora_block", "cifar", "tune", 3e-3, 0, stage2_lr=0.1)
+  wanted = sweep.run_config(c, {}, spec)
+  recorded = json.loads(json.dumps(config_base.flatten(config_base.with_method_settings(wanted))))  # as the trainer records it
+  assert recorded["stage2.granularity"] == "block" and wanted.stage2.granularity == "module"
+  assert sweep.stale_keys({"config": recorded}, wanted) == []
+  recorded["stage2.granularity"] = "module"  # a run that did not apply the row's setting is another run
+  assert sweep.stale_keys({"config": recorded}, wanted) == ["stage2.granularity"]
+
+
 def test_rows_differ_only_in_their_method():
   base = sweep.load_config(sweep.BENCHMARKS["vtab1k"], "cifar")
   flat = {row: sweep.flatten(sweep.run_config(base, {}, sweep.RunSpec(row, "cifar", "tune", 1e-3)))
