@@ -3,6 +3,7 @@ archive/restore): machine paths become placeholders and come back as the new mac
 archive made with another backbone restores nothing."""
 
 import hashlib
+import math
 import json
 import os
 import sys
@@ -121,3 +122,22 @@ def test_run_time_is_kept_per_cpu_and_old_totals_stay_unattributed():
   # 7200 + 360 unrecorded, 3600 EPYC, 36 Xeon: 11196 s = 3.1 h; largest part first.
   assert text == (f"3.1 h on {os.cpu_count()} CPU cores; by machine: {rep.UNRECORDED} 2.1 h, AMD EPYC 1.0 h, "
                   "Intel Xeon 0.0 h; by phase: knobs 0.1 h, main 3.0 h, report 0.0 h")
+
+
+def test_stage2_table_finds_the_stage1_source_also_for_a_run_that_trained_its_own(tmp_path):
+  import real_backbone_report
+  main = tmp_path / "main"
+  _write(str(main / "dropout" / "cifar10" / "tune_lr0.003" / "results.json"), {"accuracy": {"val200": 0.79}})
+  def run(row, s2, init_from, val, scales):
+    _write(str(main / row / "cifar10" / f"tune_lr0.003_s2lr{s2:g}" / "results.json"),
+           {"accuracy": {"val200": val}, "scales": scales, "stage2_loss": [[126, 0.5], [175, 0.25]],
+            "config": {"stage2.lr": s2, "dmlora.alpha": 8.0, "stage2.init_from": init_from}})
+  run("dmlora", 0.01, str(main / "dropout" / "cifar10" / "tune_lr0.003"), 0.80, {"a": 8.0, "b": 8.0 * math.e})
+  run("dmlora_block", 0.1, "", 0.81, {"a": 4.0, "b": 16.0})  # trained its own stage 1: no init_from
+  lines, data = real_backbone_report.stage2_table(str(main), ["cifar10"])
+  assert data["dmlora"]["cifar10"]["0.01"]["stage1_val200"] == 0.79
+  assert data["dmlora_block"]["cifar10"]["0.1"]["stage1_val200"] == 0.79
+  # log(alpha_l / alpha): (0, 1) and (-log 2, log 2), by hand
+  assert math.isclose(data["dmlora"]["cifar10"]["0.01"]["std_log_alpha"], 0.5)
+  assert math.isclose(data["dmlora_block"]["cifar10"]["0.1"]["max_abs_log_ratio"], math.log(2))
+  assert lines[-1].startswith("| dmlora_block | cifar10 | 0.1 | 81.00 | 79.00 |") and "0.500 -> 0.250" in lines[-1]
