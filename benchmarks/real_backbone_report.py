@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 
-from dmlora_jax import hostmem, methods, report as sweep_report
+from dmlora_jax import hostmem, report as sweep_report, sweep
 
 PAIRS = (("dmlora", "lora"), ("dropout", "multibranch"), ("dmlora", "dropout"), ("multibranch", "lora"),
          ("dropout", "lora"), ("dmlora_block", "dropout"), ("dmlora", "dmlora_block"), ("lora", "linear"),
@@ -123,11 +123,10 @@ def stage2_table(main_out: str, tasks, rows=("dmlora", "dmlora_block")) -> tuple
         s2 = res["config"]["stage2.lr"]
         alpha = res["config"]["dmlora.alpha"]
         logs = np.log(np.array(list(res["scales"].values())) / alpha)
-        # Its stage-1 source: the run it continued, or (a run that trained its own stage 1 because
-        # the source kept no checkpoints) the same source run by name.
-        src_dir = res["config"].get("stage2.init_from") or os.path.join(
-            main_out, methods.continues_stage1(row), t, os.path.basename(os.path.dirname(path)).split("_s2lr")[0])
-        src = os.path.join(src_dir, "results.json")
+        # Its stage-1 source as the sweep names it (also for a run that trained its own stage 1
+        # because the source kept no checkpoints, and so has no stage2.init_from).
+        spec = sweep.RunSpec(row, t, "tune", res["config"]["stage1.lr"], stage2_lr=s2)
+        src = os.path.join(spec.stage1_source().workdir(main_out), "results.json")
         base = json.load(open(src))["accuracy"]["val200"] if os.path.exists(src) else None
         curve = res.get("stage2_loss") or []
         loss = f"{curve[0][1]:.3f} -> {curve[-1][1]:.3f}" if curve else ""

@@ -3,8 +3,8 @@ archive/restore): machine paths become placeholders and come back as the new mac
 archive made with another backbone restores nothing."""
 
 import hashlib
-import math
 import json
+import math
 import os
 import sys
 
@@ -131,7 +131,7 @@ def test_stage2_table_finds_the_stage1_source_also_for_a_run_that_trained_its_ow
   def run(row, s2, init_from, val, scales):
     _write(str(main / row / "cifar10" / f"tune_lr0.003_s2lr{s2:g}" / "results.json"),
            {"accuracy": {"val200": val}, "scales": scales, "stage2_loss": [[126, 0.5], [175, 0.25]],
-            "config": {"stage2.lr": s2, "dmlora.alpha": 8.0, "stage2.init_from": init_from}})
+            "config": {"stage1.lr": 0.003, "stage2.lr": s2, "dmlora.alpha": 8.0, "stage2.init_from": init_from}})
   run("dmlora", 0.01, str(main / "dropout" / "cifar10" / "tune_lr0.003"), 0.80, {"a": 8.0, "b": 8.0 * math.e})
   run("dmlora_block", 0.1, "", 0.81, {"a": 4.0, "b": 16.0})  # trained its own stage 1: no init_from
   lines, data = real_backbone_report.stage2_table(str(main), ["cifar10"])
