@@ -213,7 +213,7 @@ def plot_acc_vs_params(runs: dict, tasks, path: str) -> bool:
 
 def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict, rows, tasks,
           smoke: bool = False, seeds: int = 3, command: str = "", not_run: str = "",
-          row_dirs: dict | None = None, method_knobs: dict | None = None) -> None:
+          row_dirs: dict | None = None, method_knobs: dict | None = None, row_config: dict | None = None) -> None:
   RECIPE, ROWS, TASKS = recipe, rows, tasks
   runs = sweep_report.load_runs(main_out)
   sweep_json = json.load(open(os.path.join(main_out, "sweep.json")))
@@ -247,7 +247,9 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
         f"Command: `{command or 'python benchmarks/study_real_backbone.py --out runs/study_real'}` "
         f"(run time {time_summary(times)}).",
         "Recipe: " + ", ".join(f"`{k}={v}`" for k, v in RECIPE.items()) + "; knobs chosen on val200: "
-        + (", ".join(f"`{k}={v}`" for k, v in knobs["overrides"].items()) or "the defaults") + ".", "",
+        + (", ".join(f"`{k}={v}`" for k, v in knobs["overrides"].items()) or "the defaults") + "."
+        + "".join(f" Row `{r}` also: " + ", ".join(f"`{k}={v}`" for k, v in o.items()) + "."
+                  for r, o in (row_config or {}).items()), "",
         *([f"**Scope of this run:** {not_run}", ""] if not_run else []),
         f"## Test top-1 (%), {seeds} seed{'s' if seeds != 1 else ''}", "",
         "train800val200 -> test, every choice made on val200 (train800 -> val200). Mean ± sample std over the "
@@ -282,5 +284,6 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
   with open(os.path.join(report_to, "results", f"{name}.json"), "w") as f:
     json.dump({"recipe": RECIPE, "knobs": knobs, "selection": selection, "test": t_data, "paired": d_data,
                "stage2": s_data, "times_s": times, "sweep_dir": main_out,
-               "method_knobs": method_knobs or {}, "row_dirs": row_dirs or {}}, f, indent=2)
+               "method_knobs": method_knobs or {}, "row_dirs": row_dirs or {}, "row_config": row_config or {}},
+              f, indent=2)
   print(f"wrote {os.path.join(report_to, name + '.md')}", flush=True)

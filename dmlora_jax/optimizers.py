@@ -168,11 +168,12 @@ def make_optimizer(method: methods.Method, stage: int, total_steps: int,
 
   Stage 1: AdamW (`masked_adamw`: a dropped branch keeps its parameters, moments and
   step count; its update takes the step's `keep` tree), linear warm-up from
-  stage1.warmup_init_lr to stage1.lr, cosine to stage1.min_lr. Stage 2: Adam on the
-  log-scales at stage2.lr with a cosine decay to stage2.lr * stage1.min_lr / stage1.lr,
-  tied per encoder block when stage2.granularity is 'block' (and on the head at
-  stage1.lr * stage2.head_lr_ratio when stage2.train_head). Leaves not trained in the stage
-  get set_to_zero, which has no state. `total_steps` is the number of steps of this stage;
+  stage1.warmup_init_lr to stage1.lr, cosine to stage1.min_lr; the head's schedule is that
+  one times stage1.head_lr_mult. Stage 2: Adam on the log-scales at stage2.lr with a cosine
+  decay to stage2.lr * stage1.min_lr / stage1.lr, tied per encoder block when
+  stage2.granularity is 'block' (and on the head at stage1.lr * stage1.head_lr_mult *
+  stage2.head_lr_ratio when stage2.train_head). Leaves not trained in the stage get
+  set_to_zero, which has no state. `total_steps` is the number of steps of this stage;
   `c` is the full config. Returns (optimizer, learning-rate schedule of the stage).
   """
   s1 = c.stage1
@@ -183,6 +184,10 @@ def make_optimizer(method: methods.Method, stage: int, total_steps: int,
                                             end_value=s1.min_lr)
     tx = masked_adamw(lr, weight_decay=s1.weight_decay, decay_mask=_decay_mask, unit_ndim=_branch_units)
     txs = {lab: tx for lab in on}
+    mult = float(s1.head_lr_mult)
+    if HEAD in on and mult != 1:
+      txs[HEAD] = masked_adamw(lambda step: lr(step) * mult, weight_decay=s1.weight_decay,
+                               decay_mask=_decay_mask, unit_ndim=_branch_units)
     if method.adalora:  # its regulariser and budget masking around the branch leaves' AdamW
       a = c.adalora
       txs[BRANCHES] = adalora.adalora_tx(tx, adalora.Schedule(
@@ -193,8 +198,8 @@ def make_optimizer(method: methods.Method, stage: int, total_steps: int,
     scale_tx = masked_adamw(lr)
     if c.stage2.granularity == "block":
       scale_tx = optax.chain(share_per_block(encoder_block), scale_tx)
-    head_lr = optax.cosine_decay_schedule(s1.lr * c.stage2.head_lr_ratio, max(total_steps, 1),
-                                          alpha=s1.min_lr / s1.lr)
+    head_lr = optax.cosine_decay_schedule(s1.lr * s1.head_lr_mult * c.stage2.head_lr_ratio,
+                                          max(total_steps, 1), alpha=s1.min_lr / s1.lr)
     txs = {SCALE: scale_tx, HEAD: masked_adamw(head_lr)}
     txs = {lab: txs[lab] for lab in on}
   transforms = {lab: txs.get(lab, optax.set_to_zero()) for lab in partition.LABELS}

@@ -141,3 +141,22 @@ def test_stage2_table_finds_the_stage1_source_also_for_a_run_that_trained_its_ow
   assert math.isclose(data["dmlora"]["cifar10"]["0.01"]["std_log_alpha"], 0.5)
   assert math.isclose(data["dmlora_block"]["cifar10"]["0.1"]["max_abs_log_ratio"], math.log(2))
   assert lines[-1].startswith("| dmlora_block | cifar10 | 0.1 | 81.00 | 79.00 |") and "0.500 -> 0.250" in lines[-1]
+
+
+def test_a_row_with_its_own_recipe_sweeps_in_its_own_dir_with_its_overrides(tmp_path, monkeypatch):
+  """ROW_CONFIG (full fine-tuning's head lr): that row alone gets the overrides, in its own
+  sweep dir, and the other rows keep the main dir and the common recipe."""
+  calls = []
+  monkeypatch.setattr(study, "sweep", lambda out, rows, over, *a, **k: calls.append((out, tuple(rows), over)) or 0)
+  _write(str(tmp_path / "knobs.json"), {"scores": {}, "overrides": {}, "chosen": "the defaults"})
+  argv = ["--out", str(tmp_path), "--smoke", "--phase", "main", "--knobs", "none", "--method_knobs", "none"]
+  assert study.main(argv + ["--rows", "lora,full"]) == 0
+  by_dir = {os.path.relpath(out, tmp_path): (rows, over) for out, rows, over in calls}
+  assert sorted(by_dir) == ["main", "main_head_lr_mult100"]
+  assert by_dir["main"][0] == ("lora",) and "stage1.head_lr_mult" not in by_dir["main"][1]
+  assert by_dir["main_head_lr_mult100"][0] == ("full",)
+  assert by_dir["main_head_lr_mult100"][1] == {**by_dir["main"][1], "stage1.head_lr_mult": "100"}
+  # A study of that row alone sweeps nothing in the main dir.
+  calls.clear()
+  assert study.main(argv + ["--rows", "full"]) == 0
+  assert [(os.path.relpath(out, tmp_path), rows) for out, rows, _ in calls] == [("main_head_lr_mult100", ("full",))]
