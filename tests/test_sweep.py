@@ -251,8 +251,11 @@ def test_results_from_another_configuration_are_stale():
   res["config"]["data.root"] = "/elsewhere"  # moving the data is not a different run
   assert sweep.stale_keys(res, c) == []
   # A run finished before config.parallel and model.attention existed ran at their defaults.
-  del res["config"]["parallel"], res["config"]["model.attention"]
+  del res["config"]["parallel"], res["config"]["model.attention"], res["config"]["stage1.head_lr_mult"]
   assert sweep.stale_keys(res, c) == []
+  c.stage1.head_lr_mult = 100.0  # ... and a run at another head lr is another run
+  assert sweep.stale_keys(res, c) == ["stage1.head_lr_mult"]
+  c.stage1.head_lr_mult = 1.0
   res["config"]["dmlora.rank"] = 4
   assert sweep.stale_keys(res, c) == ["dmlora.rank"]
   c.parallel = "jit"
