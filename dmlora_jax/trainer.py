@@ -127,7 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   n_local = len(trainer.devices)
   say(f"dmlora_jax: method={config.method} variant={config.model.variant} task={config.data.task} "
       f"({task.train.name}: {task.train.num_examples_global} examples, {task.num_classes} classes), "
-      f"{plan.total} steps = {plan.stage1_steps} stage 1 + {plan.stage2_steps} stage 2, "
+      f"{plan.total} steps = {plan.stage1_steps} stage 1 + {plan.stage2_steps} stage 2"
+      f"{f' (head at lr x {config.stage1.head_lr_mult:g})' if config.stage1.head_lr_mult != 1 else ''}, "
       f"{jax.process_count()} process(es) x {n_local} {jax.devices()[0].platform} device(s)")
   if jax.default_backend() == "cpu":
     say(f"host: {hostmem.status()}")
