@@ -94,6 +94,40 @@ def diff_table(runs: dict) -> tuple[list[str], list[dict]]:
   return lines, diffs
 
 
+def selection_from_runs(sweep_dir: str, row: str, tasks, stage1_lr: dict | None = None) -> dict:
+  """A row's lr choices rebuilt from its finished runs in sweep_dir, in sweep.json's entry form:
+  sweep.json keeps only its last invocation's choices, so a study run in parts would lose the
+  earlier ones. val: every finished tune run's val200 (by its recorded lr); the chosen lr is
+  the one its final runs trained at (the sweep's choice, tie rule included), else the
+  sweep's rule (select_lr) over the tune runs; edge: a best value only at an end of the lrs
+  tried. stage1_lr (task -> lr): a row that continues another's stage 1; its stage-2 lr is
+  chosen among the tune runs at that stage-1 lr."""
+  out = {}
+  key = "stage1.lr" if stage1_lr is None else "stage2.lr"
+  for t in tasks:
+    val, metric = {}, None
+    for path in glob.glob(os.path.join(sweep_dir, row, t, "tune_lr*", "results.json")):
+      if ("_s2lr" in os.path.basename(os.path.dirname(path))) != (stage1_lr is not None):
+        continue
+      res = json.load(open(path))
+      if stage1_lr is not None and not math.isclose(res["config"]["stage1.lr"], stage1_lr.get(t) or math.nan):
+        continue
+      metric, acc = sweep.val_accuracy(res)
+      val[float(res["config"][key])] = acc
+    if not val:
+      continue
+    val = dict(sorted(val.items()))
+    finals = {float(json.load(open(p))["config"][key])
+              for p in glob.glob(os.path.join(sweep_dir, row, t, "final_seed*", "results.json"))}
+    chosen = finals.pop() if len(finals) == 1 else sweep.select_lr(val)
+    entry = {"metric": metric, "val": {f"{k:g}": v for k, v in val.items()}, "lr": chosen,
+             "edge": sweep.edge_extension(val) is not None and chosen in (min(val), max(val))}
+    if stage1_lr is not None:
+      entry.update({"lr": stage1_lr[t], "stage2_lr": chosen})
+    out[t] = entry
+  return out
+
+
 def choice_table(selection: dict, rows, tasks) -> list[str]:
   lines = ["| row | task | tuned | val200 top-1 per value | chosen | on an edge |", "|---|---|---|---|---|---|"]
   for row in rows:
@@ -101,7 +135,7 @@ def choice_table(selection: dict, rows, tasks) -> list[str]:
       e = selection.get(row, {}).get(t)
       if not e or not e.get("val"):
         continue
-      key = "stage2_lr" if "stage1_from" in e else "lr"
+      key = "stage2_lr" if "stage2_lr" in e else "lr"
       vals = ", ".join(f"{k}: {_pct(v)}" for k, v in sorted(e["val"].items(), key=lambda kv: float(kv[0])))
       tuned = "stage2.lr (stage 1 = dropout's, lr " + f"{e['lr']:g})" if key == "stage2_lr" else "stage1.lr"
       chosen = e.get(key)
@@ -216,24 +250,29 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
           row_dirs: dict | None = None, method_knobs: dict | None = None, row_config: dict | None = None) -> None:
   RECIPE, ROWS, TASKS = recipe, rows, tasks
   runs = sweep_report.load_runs(main_out)
-  sweep_json = json.load(open(os.path.join(main_out, "sweep.json")))
-  selection = sweep_json["selection"]
-  # A comparison method trained at a non-default knob lives in its variant's sweep dir.
+  dirs = {}
+  # A comparison method at a non-default knob, or a row with its own recipe, has its own sweep dir.
   for row, d in (row_dirs or {}).items():
     runs.pop(row, None)
     runs.update({r: v for r, v in sweep_report.load_runs(d).items() if r == row})
-    if os.path.exists(os.path.join(d, "sweep.json")):
-      sel = json.load(open(os.path.join(d, "sweep.json")))["selection"].get(row)
-      if sel:
-        selection[row] = sel
+    dirs[row] = d
+  # Every choice from the runs themselves (sweep.json keeps its last invocation's only); a row
+  # that continues another's stage 1 after that row.
+  selection = {}
+  for row in sorted(set(ROWS) | {sweep.STAGE1_FROM[r] for r in ROWS if r in sweep.STAGE1_FROM},
+                    key=lambda r: r in sweep.STAGE1_FROM):
+    src = sweep.STAGE1_FROM.get(row)
+    s1 = None if src is None else {t: e["lr"] for t, e in selection.get(src, {}).items()}
+    sel = selection_from_runs(dirs.get(row, main_out), row, TASKS, s1)
+    if sel:
+      selection[row] = sel
   name = "real_backbone_smoke" if smoke else "real_backbone"
-  # sweep.json holds the choices of the last sweep invocation only: a study run in parts keeps
-  # the earlier parts' choices from the previous results file (the newer choice wins).
+  # A choice whose runs are not in this study dir stays as the previous results file has it.
   prev = os.path.join(report_to, "results", f"{name}.json")
   if os.path.exists(prev):
     for row, per_task in json.load(open(prev)).get("selection", {}).items():
       for task, sel in per_task.items():
-        if selection.get(row, {}).get(task, {}).get("lr") is None:
+        if task not in selection.get(row, {}) and sel.get("lr") is not None:
           selection.setdefault(row, {})[task] = sel
   os.makedirs(os.path.join(report_to, "results"), exist_ok=True)
   png = os.path.join(report_to, f"{name}_scales.png")

@@ -160,3 +160,34 @@ def test_a_row_with_its_own_recipe_sweeps_in_its_own_dir_with_its_overrides(tmp_
   calls.clear()
   assert study.main(argv + ["--rows", "full"]) == 0
   assert [(os.path.relpath(out, tmp_path), rows) for out, rows, _ in calls] == [("main_head_lr_mult100", ("full",))]
+
+
+def test_the_lr_choices_come_from_the_runs_not_from_the_last_sweep_json(tmp_path):
+  """sweep.json keeps its last invocation's choices only (a study run in parts once lost the
+  linear row's): the report rebuilds each choice from the runs, the final runs' lr first."""
+  import real_backbone_report
+  main = str(tmp_path / "main")
+  def run(row, name, val=None, **config):
+    _write(os.path.join(main, row, "cifar10", name, "results.json"),
+           {"accuracy": {"val200": val} if val is not None else {"test": 0.5}, "config": config})
+  # A tie between 1e-3 and its extension 3.33e-4 (run later): the sweep kept 1e-3 (first in its
+  # grid order), and its final runs say so; sorted order alone would take 3.33e-4.
+  for lr, val in ((1e-3, 0.9), (3e-3, 0.8), (1e-2, 0.7), (1e-3 / 3, 0.9)):
+    run("lora", f"tune_lr{lr:g}", val, **{"stage1.lr": lr})
+  for s in range(3):
+    run("lora", f"final_seed{s}", **{"stage1.lr": 1e-3})
+  # The stage-2 lr at the dropout row's chosen stage-1 lr only; a tune run at another is ignored.
+  run("dropout", "tune_lr0.003", 0.8, **{"stage1.lr": 3e-3})
+  run("dropout", "tune_lr0.001", 0.7, **{"stage1.lr": 1e-3})
+  for s2, val in ((1e-4, 0.80), (1e-2, 0.82), (1e-1, 0.82)):
+    run("dmlora", f"tune_lr0.003_s2lr{s2:g}", val, **{"stage1.lr": 3e-3, "stage2.lr": s2})
+  run("dmlora", "tune_lr0.001_s2lr1", 0.99, **{"stage1.lr": 1e-3, "stage2.lr": 1.0})
+  lora = real_backbone_report.selection_from_runs(main, "lora", ["cifar10", "cifar10_t5"])
+  assert list(lora) == ["cifar10"] and lora["cifar10"]["lr"] == 1e-3 and lora["cifar10"]["edge"] is False
+  assert lora["cifar10"]["val"] == {"0.000333333": 0.9, "0.001": 0.9, "0.003": 0.8, "0.01": 0.7}
+  drop = real_backbone_report.selection_from_runs(main, "dropout", ["cifar10"])
+  assert drop["cifar10"]["lr"] == 3e-3 and drop["cifar10"]["edge"] is True  # best at the largest lr tried
+  dm = real_backbone_report.selection_from_runs(main, "dmlora", ["cifar10"], {"cifar10": 3e-3})
+  assert dm["cifar10"]["lr"] == 3e-3 and dm["cifar10"]["stage2_lr"] == 1e-2 and "1" not in dm["cifar10"]["val"]
+  lines = real_backbone_report.choice_table({"lora": lora, "dmlora": dm}, ["lora", "dmlora"], ["cifar10"])
+  assert lines[2].endswith("| 0.001 | no |") and "stage 1 = dropout's, lr 0.003" in lines[3]
