@@ -395,10 +395,11 @@ class Sweep:
 
   def tune(self, grid, spec_of) -> tuple[dict, str | None, bool]:
     """Runs the tune runs of a grid (spec_of(value) -> RunSpec), extending it at an edge
-    (see the module docstring). Returns ({value: val accuracy}, metric, best still on an edge)."""
+    (see the module docstring). Returns ({value: val accuracy}, metric, best still on an edge,
+    the number of extensions run)."""
     val: dict[float, float] = {}
     metric = None
-    todo, extensions = list(grid), 0
+    todo, extensions, tried = list(grid), 0, set(grid)
     while todo:
       batch, todo = todo, []
       for value, res in zip(batch, self.run_all([spec_of(v) for v in batch])):
@@ -414,17 +415,30 @@ class Sweep:
         if not math.isnan(acc):
           val[value] = acc
       if self.preempted:
-        return val, metric, False
+        return val, metric, False, extensions
       if val and extensions < self.args.extend_edges:
         nxt = edge_extension(val)
-        if nxt is not None and nxt not in val:
-          self.say(f"  best {fmt_lr(select_lr(val))} is at the edge of {sorted(map(fmt_lr, val), key=float)}: "
-                   f"extending the grid to {fmt_lr(nxt)}")
-          todo.append(nxt)
-          extensions += 1
-          with self.lock:
-            self.total += 1
-    return val, metric, bool(val) and edge_extension(val) is not None
+        if nxt is not None and nxt not in tried:  # a failed extension is not tried again
+          edge = f"  best {fmt_lr(select_lr(val))} is at the edge of {sorted(map(fmt_lr, val), key=float)}: "
+          why = self.invalid(spec_of(nxt))
+          if why:
+            self.say(edge + f"cannot extend the grid to {fmt_lr(nxt)}: {why}")
+          else:
+            self.say(edge + f"extending the grid to {fmt_lr(nxt)}")
+            todo.append(nxt)
+            tried.add(nxt)
+            extensions += 1
+            with self.lock:
+              self.total += 1
+    return val, metric, bool(val) and edge_extension(val) is not None, extensions
+
+  def invalid(self, spec: RunSpec) -> str:
+    """Why spec's config would be refused by the trainer ('' when it is valid)."""
+    try:
+      config_base.validate(self.config(spec))
+    except (SweepError, ValueError) as e:
+      return str(e)
+    return ""
 
   def count(self, what: str, failure: dict | None = None) -> None:
     with self.lock:
@@ -463,7 +477,7 @@ class Sweep:
       self.say(f"{row}/{task}: the {src_row} row chose no lr for this task; its runs are skipped")
       self.skip(len(grid) + (0 if self.args.tune_only else len(self.args.seeds)))
       return
-    val, metric, edge = self.tune(grid, spec_of)
+    val, metric, edge, extensions = self.tune(grid, spec_of)
     if self.preempted:
       return
     best = select_lr(val) if val else None
@@ -480,7 +494,7 @@ class Sweep:
              f"({', '.join(f'{fmt_lr(k)}: {100 * v:.2f}' for k, v in sorted(val.items()))})")
     if edge:
       self.say(f"WARNING: {row}/{task}: the chosen {what}={fmt_lr(best)} is still at the edge of the grid after "
-               f"{self.args.extend_edges} extension(s); its optimum may lie outside: widen the grid")
+               f"{extensions} extension(s); its optimum may lie outside: widen the grid")
     self.write()
     if self.args.tune_only:
       return
@@ -651,10 +665,11 @@ def main(argv: list[str] | None = None) -> int:
   # Fail before the first run on a misspelt key or bad value, not after hours of training.
   try:
     for task in args.tasks:
-      for row in args.rows:
-        s2 = args.stage2_lrs[0] if row in STAGE1_FROM else None
-        config_base.validate(run_config(load_config(BENCHMARKS[args.benchmark], task), overrides,
-                                        RunSpec(row, task, "tune", args.lrs[0], stage2_lr=s2), args.out))
+      base = load_config(BENCHMARKS[args.benchmark], task)
+      for row in args.rows:  # every value of the row's grids (an lr below stage1.min_lr is refused)
+        for lr in args.row_lrs.get(row, args.lrs):
+          for s2 in (args.stage2_lrs if row in STAGE1_FROM else (None,)):
+            config_base.validate(run_config(base, overrides, RunSpec(row, task, "tune", lr, stage2_lr=s2), args.out))
   except (SweepError, ValueError) as e:  # ConfigError, or a config file rejecting its argument
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -152,14 +152,15 @@ def test_a_row_with_its_own_recipe_sweeps_in_its_own_dir_with_its_overrides(tmp_
   argv = ["--out", str(tmp_path), "--smoke", "--phase", "main", "--knobs", "none", "--method_knobs", "none"]
   assert study.main(argv + ["--rows", "lora,full"]) == 0
   by_dir = {os.path.relpath(out, tmp_path): (rows, over) for out, rows, over in calls}
-  assert sorted(by_dir) == ["main", "main_head_lr_mult100"]
+  assert sorted(by_dir) == ["main", "main_head_lr_mult100_min_lr1e-7"]
   assert by_dir["main"][0] == ("lora",) and "stage1.head_lr_mult" not in by_dir["main"][1]
-  assert by_dir["main_head_lr_mult100"][0] == ("full",)
-  assert by_dir["main_head_lr_mult100"][1] == {**by_dir["main"][1], "stage1.head_lr_mult": "100"}
+  assert by_dir["main_head_lr_mult100_min_lr1e-7"][0] == ("full",)
+  assert by_dir["main_head_lr_mult100_min_lr1e-7"][1] == {**by_dir["main"][1], **study.ROW_CONFIG["full"]}
+  assert study.ROW_CONFIG["full"]["stage1.head_lr_mult"] == "100"
   # A study of that row alone sweeps nothing in the main dir.
   calls.clear()
   assert study.main(argv + ["--rows", "full"]) == 0
-  assert [(os.path.relpath(out, tmp_path), rows) for out, rows, _ in calls] == [("main_head_lr_mult100", ("full",))]
+  assert [(os.path.relpath(out, tmp_path), rows) for out, rows, _ in calls] == [("main_head_lr_mult100_min_lr1e-7", ("full",))]
 
 
 def test_the_lr_choices_come_from_the_runs_not_from_the_last_sweep_json(tmp_path):

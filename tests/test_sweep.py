@@ -311,6 +311,34 @@ def test_a_choice_still_on_an_edge_is_said_loudly(tmp_path, monkeypatch, capsys)
   assert "WARNING: lora/digits: the chosen lr=0.1 is still at the edge of the grid" in capsys.readouterr().out
 
 
+def test_an_extension_the_trainer_would_refuse_is_not_run_and_the_reason_is_said(tmp_path, monkeypatch, capsys):
+  # Below stage1.min_lr (the cosine's floor, 1e-5) a run is refused: the full row's study grid
+  # once "extended" to 3.3e-6 twice per task, each run failing, and then blamed the edge on
+  # the 2 extensions it never ran.
+  tried = _fake_runs(monkeypatch, peak_lr=1e-7)
+  args = ["--out", str(tmp_path), "--tasks", "digits", "--rows", "full", "--lrs", "1e-3", "--seeds", "1",
+          "--row_lrs", "full=1e-5,3e-5"] + TINY
+  assert sweep.main(args) == 0
+  out = capsys.readouterr().out
+  assert tried == pytest.approx([1e-5, 3e-5])
+  assert "cannot extend the grid to 3.33333e-06: config.stage1.min_lr=1e-05: must be in (0, stage1.lr=" in out
+  assert "the chosen lr=1e-05 is still at the edge of the grid after 0 extension(s)" in out
+  chosen = json.load(open(os.path.join(tmp_path, "sweep.json")))["selection"]["full"]["digits"]
+  assert chosen["lr"] == pytest.approx(1e-5) and chosen["edge"] is True
+  # With a lower floor the same grid extends (the study's full row: stage1.min_lr=1e-7).
+  tried.clear()
+  assert sweep.main(args[:1] + [str(tmp_path / "lower")] + args[2:] + ["--config.stage1.min_lr=1e-7"]) == 0
+  assert tried == pytest.approx([1e-5, 3e-5, 1e-5 / 3, 1e-5 / 9])
+
+
+def test_a_grid_value_the_trainer_would_refuse_fails_before_any_run(tmp_path, monkeypatch, capsys):
+  tried = _fake_runs(monkeypatch, peak_lr=1e-5)
+  args = ["--out", str(tmp_path), "--tasks", "digits", "--rows", "lora,full", "--lrs", "1e-3", "--seeds", "1",
+          "--row_lrs", "full=3e-6,1e-5"] + TINY
+  assert sweep.main(args) == 2
+  assert tried == [] and "error: config.stage1.min_lr=1e-05: must be in (0, stage1.lr=3e-06]" in capsys.readouterr().err
+
+
 def test_a_row_grid_replaces_the_common_grid(tmp_path, monkeypatch):
   tried = _fake_runs(monkeypatch, peak_lr=3e-5)
   args = ["--out", str(tmp_path), "--tasks", "digits", "--rows", "full", "--lrs", "1e-3,1e-2", "--seeds", "1",
