@@ -393,7 +393,7 @@ class Sweep:
         break
     return out
 
-  def tune(self, grid, spec_of) -> tuple[dict, str | None, bool]:
+  def tune(self, grid, spec_of) -> tuple[dict, str | None, bool, int]:
     """Runs the tune runs of a grid (spec_of(value) -> RunSpec), extending it at an edge
     (see the module docstring). Returns ({value: val accuracy}, metric, best still on an edge,
     the number of extensions run)."""
