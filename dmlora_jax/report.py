@@ -294,6 +294,23 @@ def plot_drop_schedule(runs: dict, path: str) -> bool:
   return True
 
 
+def label_offsets(points: list[tuple], step: float = 9.0) -> list[tuple[float, float]]:
+  """Text offsets (points) for the labels of draw_acc_vs_params, in the order of `points`: a
+  label whose point lies close to a higher one (within a tenth of a decade in parameters and 4%
+  of the accuracy range) goes one line lower than the lowest label of its cluster, so that rows
+  with the same parameter count and near-equal accuracy stay readable."""
+  ms = [m for _, _, m, _ in points]
+  tol = 0.04 * max(max(ms) - min(ms), 1.0) if ms else 1.0
+  placed: list[tuple[float, float, int]] = []  # (log10 params, accuracy, line)
+  lines = [0] * len(points)
+  for i in sorted(range(len(points)), key=lambda i: -points[i][2]):
+    lx, m = math.log10(max(points[i][1], 1)), points[i][2]
+    near = [ln for px, pm, ln in placed if abs(px - lx) < 0.1 and abs(pm - m) < tol]
+    lines[i] = max(near) + 1 if near else 0
+    placed.append((lx, m, lines[i]))
+  return [(5.0, 4.0 - step * ln) for ln in lines]
+
+
 def draw_acc_vs_params(points: list[tuple], path: str, xlabel: str, ylabel: str) -> bool:
   """Test top-1 against trainable parameters (log x), one labelled point per row: points are
   (row, params, accuracy %, std or None); a std draws an error bar. False if there is none."""
@@ -301,12 +318,12 @@ def draw_acc_vs_params(points: list[tuple], path: str, xlabel: str, ylabel: str)
   if not points:
     return False
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  for row, n, m, sd in points:
+  for (row, n, m, sd), offset in zip(points, label_offsets(points)):
     if sd is None:
       ax.scatter(n, m, s=40)
     else:
       ax.errorbar(n, m, yerr=sd, fmt="o", capsize=3)
-    ax.annotate(row, (n, m), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.annotate(row, (n, m), textcoords="offset points", xytext=offset, fontsize=8)
   ax.set_xscale("log")
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)

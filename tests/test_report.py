@@ -129,3 +129,20 @@ def test_paired_differences_are_per_task_and_pooled_with_t_intervals(tmp_path):
   assert pooled["high"] - pooled["mean"] == pytest.approx(2.571 * 2 ** 0.5 / 6 ** 0.5, rel=1e-4)
   md = open(report.report(str(tmp_path))["md"]).read()
   assert "| dmlora - lora | a | +2.00 |" in md
+
+
+def test_labels_of_coinciding_points_are_stacked_not_overlaid():
+  # The real-backbone plot's case: three rows with the same parameter count within 0.12 points
+  # of each other, one row at that count 1.6 points higher, and two rows far away in parameters.
+  points = [("lora", 225_070, 88.58, 0.4), ("multibranch", 887_980, 88.27, 0.1),
+            ("dropout", 887_980, 86.56, 0.1), ("dmlora", 887_980, 86.61, 0.2),
+            ("dmlora_block", 887_980, 86.68, 0.1), ("full", 21_549_064, 86.58, 0.9),
+            ("linear", 3_850, 80.34, 0.4)]
+  offsets = dict(zip([p[0] for p in points], report.label_offsets(points, step=9.0)))
+  # by accuracy within the cluster: dmlora_block on its point's line, dmlora one below, dropout two
+  assert offsets["dmlora_block"] == (5.0, 4.0)
+  assert offsets["dmlora"] == (5.0, -5.0)
+  assert offsets["dropout"] == (5.0, -14.0)
+  # 1.6 points above the cluster (range 8.24, so 4% is 0.33) and 2 decades apart: no shift
+  for row in ("lora", "multibranch", "full", "linear"):
+    assert offsets[row] == (5.0, 4.0), row
