@@ -220,7 +220,7 @@ def method_knob_table(mknobs: dict) -> list[str]:
       cells = [_pct(s["val200_best"].get(t)) + (" (edge)" if s["edge"].get(t) else "") for t in ALL_TASKS]
       lrs = ", ".join(f"{s['lr'][t]:g}" for t in ALL_TASKS if t in s["lr"])
       lines.append(f"| {m} | {name} | " + " | ".join(cells) + f" | {_pct(s['mean'])} | {lrs} | "
-                   f"{'yes' if name == k['chosen'] else ''} |")
+                   f"{('yes (on the grid edge)' if k.get('edge') else 'yes') if name == k['chosen'] else ''} |")
   return lines
 
 
@@ -308,7 +308,8 @@ def write(main_out: str, knobs: dict, times: dict, report_to: str, recipe: dict,
   if method_knobs:
     md += ["### The comparison methods' own knobs (tune runs, val200)", "",
            "Each variant at its own best lr; a variant replaces the default only when its mean over the tasks beats "
-           "the default's by more than the standard error of that mean.", ""]
+           "the default's by more than the standard error of that mean. A choice at an end of a method's grid "
+           "adds one variant past that end (as an lr grid is extended).", ""]
     md += method_knob_table(method_knobs) + [""]
   md += ["### Learning rates", ""]
   md += choice_table(selection, ROWS, TASKS)

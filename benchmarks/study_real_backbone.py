@@ -19,7 +19,8 @@ Phases (each resumes: finished runs are skipped, unfinished ones resume from che
    (else the default stays). Test is never read.
    The comparison methods (rows dora, adalora, vpt_deep) choose their own key knob the same
    way (METHOD_KNOBS: DoRA's rank, AdaLoRA's budget, VPT-deep's prompt length; the default
-   value's runs are the row's main tune runs, the others in out/method_knobs/).
+   value's runs are the row's main tune runs, the others in out/method_knobs/); a choice at an
+   end of that grid is extended one step past it (METHOD_KNOB_EDGES), as an lr grid is.
 2. main: the sweep of dmlora_jax.sweep with the chosen knobs: rows linear, lora, multibranch,
    dropout, dmlora, dmlora_block (2S-LS with one scale per block), full, and the comparison
    methods dora, adalora, ssf, vpt_deep (a method whose chosen knob is not its default runs
@@ -108,6 +109,15 @@ METHOD_KNOBS = {
     "adalora": {"budget4": {"adalora.target_rank": "4", "adalora.rank": "6"}, "base": {},
                 "budget12": {"adalora.target_rank": "12", "adalora.rank": "18"}},
     "vpt_deep": {"prompts10": {"vpt.num_prompts": "10"}, "base": {}, "prompts100": {"vpt.num_prompts": "100"}},
+}
+# A method's knob chosen at an end of its METHOD_KNOBS grid is extended one step past that end,
+# once (as an lr grid is): (below the first variant, above the last). The extension's tune runs
+# go to out/method_knobs/<method>_<name>; a variant chosen there is reported on the grid's edge.
+METHOD_KNOB_EDGES = {
+    "dora": ({"rank2": {"dora.rank": "2"}}, {"rank32": {"dora.rank": "32"}}),
+    "adalora": ({"budget2": {"adalora.target_rank": "2", "adalora.rank": "3"}},
+                {"budget24": {"adalora.target_rank": "24", "adalora.rank": "36"}}),
+    "vpt_deep": ({"prompts5": {"vpt.num_prompts": "5"}}, {"prompts200": {"vpt.num_prompts": "200"}}),
 }
 
 
@@ -283,25 +293,46 @@ def method_knob_phase(out: str, main_out: str, common: dict, jobs: int, rows, ru
                       tasks=TASKS) -> dict:
   """Each comparison method's own knob (METHOD_KNOBS) on val200, tune runs only: the default
   value's runs are the main phase's tune runs of the row (main_out), the others go to
-  out/method_knobs/<method>_<variant>. Runs `tasks`; a choice needs every task of TASKS. Returns {method: {"scores", "chosen", "dir"}}; the
-  main phase runs a method whose chosen variant is not the default in that variant's dir."""
+  out/method_knobs/<method>_<variant>. A choice at an end of the grid runs that end's extension
+  (METHOD_KNOB_EDGES) and chooses again over every variant. Runs `tasks`; a choice needs every
+  task of TASKS. Returns {method: {"scores", "chosen", "dir", "overrides", "extend", "edge"}}:
+  "extend" names the extension the grid's choice asks for (None inside the grid), "edge" whether
+  the final choice is the first or last variant measured. The main phase runs a method whose
+  chosen variant is not the default in that variant's dir."""
   result = {}
   for method, variants in METHOD_KNOBS.items():
     if method not in rows:
       continue
-    scores, dirs = {}, {}
-    for name, over in variants.items():
-      dirs[name] = main_out if name == "base" else os.path.join(out, "method_knobs", f"{method}_{name}")
-      if run:
-        sweep(dirs[name], (method,), {**common, **over}, ["--tune_only"], jobs, tasks)
+    low, high = METHOD_KNOB_EDGES.get(method, ({}, {}))
+    every = {**low, **variants, **high}  # in the knob's order
+    dirs = {n: main_out if n == "base" else os.path.join(out, "method_knobs", f"{method}_{n}") for n in every}
+    scores = {}
+
+    def measure(name, train=run):
+      if train:
+        sweep(dirs[name], (method,), {**common, **every[name]}, ["--tune_only"], jobs, tasks)
       sc = _scores(dirs[name], method)
       if sc is not None:
         scores[name] = sc
-    chosen = _choose(scores, tuple(variants))
-    result[method] = {"scores": scores, "chosen": chosen, "overrides": variants.get(chosen, {}) if chosen else {},
-                      "dir": dirs[chosen] if chosen else main_out}
+
+    for name in variants:
+      measure(name)
+    names = tuple(variants)
+    chosen = _choose(scores, names)
+    ends = {names[0]: low, names[-1]: high}
+    extend = next(iter(ends[chosen]), None) if chosen in ends else None
+    for name in every:  # the extension asked for runs; one measured before still counts (a choice can move)
+      if name not in variants:
+        measure(name, train=run and name == extend)
+    scores = {n: scores[n] for n in every if n in scores}
+    chosen = _choose(scores, tuple(every))
+    measured = [n for n in scores if not math.isnan(scores[n]["mean"])]
+    result[method] = {"scores": scores, "chosen": chosen, "overrides": every.get(chosen, {}) if chosen else {},
+                      "dir": dirs[chosen] if chosen else main_out, "extend": extend,
+                      "edge": bool(chosen) and chosen in (measured[0], measured[-1]) and len(measured) > 1}
     print(f"\n{method}'s knob (mean val200 top-1 over tasks at each variant's best lr): " +
-          ", ".join(f"{n} {100 * v['mean']:.2f}" for n, v in scores.items()) + f"; chosen: {chosen}", flush=True)
+          ", ".join(f"{n} {100 * v['mean']:.2f}" for n, v in scores.items()) + f"; chosen: {chosen}" +
+          (" (on the edge of the measured grid)" if result[method]["edge"] else ""), flush=True)
   with open(os.path.join(out, "method_knobs.json"), "w") as f:
     json.dump(result, f, indent=2)
   return result
@@ -471,7 +502,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/study_real_backbone.py --out runs/study_real" + "".join(
         f" {flag} {v}" for flag, v, default in parts if v != default)
     unmeasured = [k for k in KNOBS if k not in knobs["scores"] or math.isnan(knobs["scores"][k]["mean"])] + [
-        f"{m}:{n}" for m, k in mknobs.items() for n in METHOD_KNOBS[m]
+        f"{m}:{n}" for m, k in mknobs.items() for n in (*METHOD_KNOBS[m], *([k["extend"]] if k["extend"] else []))
         if n not in k["scores"] or math.isnan(k["scores"][n]["mean"])]
     missing = [f"rows {', '.join(r for r in ROWS if r not in rows)}" if len(rows) < len(ROWS) else "",
                f"tasks {', '.join(t for t in TASKS if t not in tasks)}" if len(tasks) < len(TASKS) else "",

@@ -192,3 +192,45 @@ def test_the_lr_choices_come_from_the_runs_not_from_the_last_sweep_json(tmp_path
   assert dm["cifar10"]["lr"] == 3e-3 and dm["cifar10"]["stage2_lr"] == 1e-2 and "1" not in dm["cifar10"]["val"]
   lines = real_backbone_report.choice_table({"lora": lora, "dmlora": dm}, ["lora", "dmlora"], ["cifar10"])
   assert lines[2].endswith("| 0.001 | no |") and "stage 1 = dropout's, lr 0.003" in lines[3]
+
+
+def test_a_method_knob_chosen_at_the_grid_edge_is_extended_once(tmp_path, monkeypatch):
+  """DoRA's rank grid 4 / 8 / 16: rank 16 wins beyond one standard error, so rank 32 (one step
+  past that end) runs and the choice is made again over all four; rank 2 never runs. A choice
+  inside the grid runs no extension."""
+  val = {"rank4": 0.85, "base": 0.87, "rank16": 0.89, "rank32": 0.95, "rank2": 0.99}
+  main_out, calls = tmp_path / "main", []
+
+  def fake_sweep(out, rows, over, extra, jobs, tasks, *a, **k):
+    rank = over.get("dora.rank", "8")
+    calls.append(rank)
+    name = "base" if rank == "8" else f"rank{rank}"
+    for t in tasks:
+      for lr in study.LRS:  # the whole grid, its best at 1e-3
+        acc = val[name] - (0.0 if lr == 1e-3 else 0.05)
+        _write(os.path.join(out, "dora", t, f"tune_lr{lr:g}", "results.json"),
+               {"config": {"stage1.lr": lr}, "accuracy": {"val200": acc}})
+    return 0
+
+  monkeypatch.setattr(study, "sweep", fake_sweep)
+  r = study.method_knob_phase(str(tmp_path), str(main_out), {}, 2, ("dora",))["dora"]
+  assert calls == ["4", "8", "16", "32"]
+  assert r["extend"] == "rank32" and r["chosen"] == "rank32" and r["edge"]
+  assert list(r["scores"]) == ["rank4", "base", "rank16", "rank32"]  # the knob's order
+  assert r["overrides"] == {"dora.rank": "32"} and r["dir"].endswith(os.path.join("method_knobs", "dora_rank32"))
+  assert json.load(open(tmp_path / "method_knobs.json"))["dora"]["chosen"] == "rank32"
+  import real_backbone_report
+  line = [x for x in real_backbone_report.method_knob_table({"dora": r}) if "| rank32 |" in x][0]
+  assert line.endswith("| yes (on the grid edge) |") and "| 95.00 |" in line
+
+  # Read again without running: the extension's runs still count; nothing trains.
+  calls.clear()
+  again = study.method_knob_phase(str(tmp_path), str(main_out), {}, 2, ("dora",), run=False)["dora"]
+  assert calls == [] and again["chosen"] == "rank32"
+
+  # Inside the grid (base wins): no extension runs, and the choice is not on an edge.
+  val.update(rank16=0.86, rank32=0.99)
+  calls.clear()
+  other = tmp_path / "other"
+  r = study.method_knob_phase(str(other), str(other / "main"), {}, 2, ("dora",))["dora"]
+  assert calls == ["4", "8", "16"] and r["extend"] is None and r["chosen"] == "base" and not r["edge"]
