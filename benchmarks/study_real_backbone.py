@@ -68,7 +68,11 @@ LRS = (3e-4, 1e-3, 3e-3)  # the adapter rows; extended at an edge by the sweep
 ROW_LRS = {"full": (3e-6, 1e-5, 3e-5), "linear": (3e-3, 1e-2, 3e-2),
            # SSF's and VPT's papers train at larger lrs than LoRA's (a scale/shift or a token,
            # not a low-rank product); the sweep extends any grid at an edge.
-           "ssf": (1e-3, 3e-3, 1e-2), "vpt_deep": (1e-3, 3e-3, 1e-2)}
+           "ssf": (1e-3, 3e-3, 1e-2), "vpt_deep": (1e-3, 3e-3, 1e-2),
+           # AdaLoRA's val200 (LRS extended twice, budgets 4 and 8) peaks at 3e-3..2.7e-2 and is
+           # still rising at 2.7e-2 on animal_mnist (its E starts at zero and its update is
+           # divided by the rank kept), so its grid starts one LRS step up.
+           "adalora": (3e-3, 9e-3, 2.7e-2)}
 # Rows whose recipe differs from the others' (row -> overrides); each trains in its own dir.
 # Full fine-tuning's backbone wants an lr ~100x below the adapters' (val200: 1e-4 already wrecks
 # cifar10, 21.5%), and at that lr the zero-initialised head cannot fit in 125 steps (cifar10's
