@@ -70,8 +70,8 @@ ROW_LRS = {"full": (3e-6, 1e-5, 3e-5), "linear": (3e-3, 1e-2, 3e-2),
            # not a low-rank product); the sweep extends any grid at an edge.
            "ssf": (1e-3, 3e-3, 1e-2), "vpt_deep": (1e-3, 3e-3, 1e-2),
            # AdaLoRA's val200 (LRS extended twice, budgets 4 and 8) peaks at 3e-3..2.7e-2 and is
-           # still rising at 2.7e-2 on animal_mnist (its E starts at zero and its update is
-           # divided by the rank kept), so its grid starts one LRS step up.
+           # still rising at 2.7e-2 on animal_mnist (its update is a product of three factors,
+           # Lambda = 0 and P, Q ~ N(0, 0.02^2) at the start), so its grid starts one LRS step up.
            "adalora": (3e-3, 9e-3, 2.7e-2)}
 # Rows whose recipe differs from the others' (row -> overrides); each trains in its own dir.
 # Full fine-tuning's backbone wants an lr ~100x below the adapters' (val200: 1e-4 already wrecks
