@@ -226,7 +226,16 @@ def stale_keys(results: dict, config) -> list[str]:
   have = config_base.canonical({**{k: v for k, v in config_base.LATER_KEYS.items() if k not in have}, **have})
   other = config_base.other_methods_keys(config)
   return sorted(k for k in set(want) | set(have)
-                if k not in IRRELEVANT_KEYS and not k.startswith(other) and want.get(k) != have.get(k))
+                if k not in IRRELEVANT_KEYS and not k.startswith(other) and not _same(want.get(k), have.get(k)))
+
+
+def _same(a, b) -> bool:
+  """Equal config values; floats within 1e-9 relative. An lr reached by extending a grid
+  (3e-3 * 3 * 3 = 0.026999999999999996) and the same lr written in a grid (0.027) name one run
+  directory (fmt_lr) and are one run, not a stale one."""
+  if isinstance(a, float) and isinstance(b, float):
+    return math.isclose(a, b, rel_tol=1e-9)
+  return a == b
 
 
 # ---- running ----

@@ -262,6 +262,19 @@ def test_results_from_another_configuration_are_stale():
   assert sweep.stale_keys(res, c) == ["dmlora.rank", "parallel"]
 
 
+def test_an_extended_lr_and_the_same_lr_in_a_grid_are_one_run():
+  # The study's AdaLoRA grid reached 2.7e-2 by extending 3e-3 twice (3e-3 * 3 * 3), then
+  # named 0.027 outright: both run in tune_lr0.027, and the finished run is not stale.
+  extended = 3e-3 * 3 * 3
+  assert extended != 0.027 and sweep.fmt_lr(extended) == sweep.fmt_lr(0.027)
+  base = sweep.load_config(sweep.BENCHMARKS["vtab1k"], "cifar")
+  done = {"config": sweep.flatten(sweep.run_config(base, {}, sweep.RunSpec("lora", "cifar", "tune", extended)))}
+  assert sweep.stale_keys(done, sweep.run_config(base, {}, sweep.RunSpec("lora", "cifar", "tune", 0.027))) == []
+  # ... while a neighbouring lr is another run
+  assert sweep.stale_keys(done, sweep.run_config(base, {}, sweep.RunSpec("lora", "cifar", "tune", 0.0271))) == [
+      "stage1.lr"]
+
+
 def test_the_vtab1k_benchmark_is_the_19_tasks_of_the_registry():
   assert sweep.BENCHMARKS["vtab1k"].tasks == tuple(vtab_tasks.TASKS) and len(vtab_tasks.TASKS) == 19
 
