@@ -103,7 +103,7 @@ def fold_affine(proj, scale_bias, mask):
   """
   if scale_bias is None:
     return proj
-  kernel, bias, lora = proj
+  kernel, bias, lora, scale_shift = proj
   g, beta = scale_bias
   bias = bias + beta @ kernel
   kernel = g[:, None] * kernel
@@ -111,7 +111,7 @@ def fold_affine(proj, scale_bias, mask):
     a, b, s = lora
     bias = bias + dmlora.lora_delta(beta[None], a, b, s, mask_K=mask)[0]
     lora = (a * g[None, :, None], b, s)
-  return kernel, bias, lora
+  return kernel, bias, lora, scale_shift
 
 
 # ---- attention implementations: (N, T, Dh) x3 -> (N, T, Dh), q already scaled ----

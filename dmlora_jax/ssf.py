@@ -6,12 +6,13 @@ embedding and the final norm).
 
 The leaves `ssf_scale` and `ssf_shift` sit in the module whose output they modulate, with its
 output shape (a projection's (H, Dh) for query/key/value, whose concatenation is the official
-code's one (3D,) vector after the fused qkv matmul). The model applies them to the weights,
-not to the activations: (x W + b) * gamma + beta is x (W diag gamma) + (b * gamma + beta), and
+code's one (3D,) vector after the fused qkv matmul). Training applies them to the output, as
+the official code does (`apply`): (x W + b) * gamma + beta. The merge (`merge_params`) writes
+the same function into the plain ViT's weights: x (W diag gamma) + (b * gamma + beta), and
 LN(x) * gamma + beta is x_hat (s * gamma) + (c * gamma + beta) for a LayerNorm of scale s and
-bias c. The function is the same, the fused q/k/v matmul and the LayerNorm fold of vit.py stay
-as they are, the cost is weight-sized instead of activation-sized, and training computes the
-very expression that the merge (`merge_params`) writes into the plain ViT's weights.
+bias c (`fold`). Training does not use the folded form: the gradient of a folded gamma is a
+reduction of a kernel-sized gradient, full fine-tuning's cost (measured 3x LoRA's step at
+112 px, benchmarks/README.md), where the output form reduces an activation-sized product.
 
 Initialisation as the official `init_ssf_scale_shift`: gamma ~ N(1, std^2), beta ~ N(0, std^2)
 with std = config.ssf.init_std (0.02 there); 0 gives the identity (the backbone's function).
@@ -36,6 +37,11 @@ def _normal(mean: float, std: float):
 def declare(module, shape, std: float) -> tuple[jax.Array, jax.Array]:
   """(gamma, beta) of `shape` as params of `module` (call inside its compact __call__)."""
   return module.param(SCALE, _normal(1.0, std), shape), module.param(SHIFT, _normal(0.0, std), shape)
+
+
+def apply(y: jax.Array, gamma: jax.Array, beta: jax.Array) -> jax.Array:
+  """y * gamma + beta over y's trailing (channel) axis, in y's dtype."""
+  return y * gamma.astype(y.dtype) + beta.astype(y.dtype)
 
 
 def fold(weight: jax.Array, bias: jax.Array, gamma: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -228,8 +228,7 @@ class _MAPAttention(nn.Module):
     out = Projection((h, dh), (d,), ssf_std=c.ssf_std, name="out")()
 
     def heads(y, src):  # (B, N, D) -> (B, H, N, Dh)
-      w, bias, _ = proj[y]
-      z = jnp.dot(src.astype(dt), w.astype(dt)) + bias.astype(dt)
+      z = _dense(src, proj[y], None, dt)
       return z.reshape(src.shape[0], src.shape[1], h, dh).transpose(0, 2, 1, 3)
 
     q, k, v = heads("query", q_Bx1xD), heads("key", x_BxTxD), heads("value", x_BxTxD)
@@ -248,12 +247,11 @@ class Embedding(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
                         (p, p, channels, c.width)).reshape(p * p * channels, c.width)
     bias = self.param("bias", nn.initializers.zeros, (c.width,)) if c.patch_bias else None
-    if c.ssf:
-      bias = jnp.zeros((c.width,), kernel.dtype) if bias is None else bias
-      kernel, bias = ssf.fold(kernel, bias, *ssf.declare(self, (c.width,), c.ssf_init_std))
     y = jnp.dot(patches_BxNxF.astype(dt), kernel.astype(dt))
     if bias is not None:
       y = y + bias.astype(dt)
+    if c.ssf:
+      y = ssf.apply(y, *ssf.declare(self, (c.width,), c.ssf_init_std))
     return y
 
 
@@ -341,9 +339,11 @@ class EncoderBlock(nn.Module):
 
   def _norm(self, name, x):
     """(LayerNorm output, None), or in float32 compute (x_hat, (scale, bias)) for the next
-    projections to fold in: measured faster in float32 on XLA CPU, slower in bfloat16."""
+    projections to fold in: measured faster in float32 on XLA CPU, slower in bfloat16. Not
+    with SSF: its trainable scale folded into the kernels would make training form
+    kernel-sized gradients (the cost of full fine-tuning) to reduce them to (D,)."""
     eps, std = self.cfg.layer_norm_eps, self.cfg.ssf_std
-    if jnp.dtype(self.cfg.dtype) == jnp.float32:
+    if jnp.dtype(self.cfg.dtype) == jnp.float32 and std is None:  # SSF: a trainable affine, not folded
       return LayerNorm(eps, std, name=name)(x, affine=False)
     return LayerNorm(eps, std, name=name)(x), None
 
@@ -385,6 +385,9 @@ class MultiHeadDotProductAttention(nn.Module):
     w_qkv = jnp.concatenate([projs[n][0] for n in ("query", "key", "value")], axis=1)
     b_qkv = jnp.concatenate([projs[n][1] for n in ("query", "key", "value")])
     qkv = jnp.dot(x_BxTxD.astype(dt), w_qkv.astype(dt)) + b_qkv.astype(dt)
+    if c.ssf:  # the official code's one (3D,) scale and shift after its fused qkv
+      qkv = ssf.apply(qkv, *(jnp.concatenate([projs[n][3][i].reshape(-1) for n in ("query", "key", "value")])
+                             for i in (0, 1)))
     q, k, v = jnp.split(qkv, 3, axis=-1)
     qkv = [q, k, v]
     for i, name in enumerate(("query", "key", "value")):
@@ -424,10 +427,10 @@ class MlpBlock(nn.Module):
 class Projection(nn.Module):
   """Declares one projection's params (checkpoint shapes) and returns its matrix view.
 
-  Returns (kernel (d_in, d_out), bias (d_out,), lora) where lora is None or the tuple
-  (lora_a, lora_b, lora_log_scale). The parent does the maths, so that projections that share
-  an input can be fused into one matmul. With ssf_std, the SSF scale and shift of the output
-  are declared here and returned folded into kernel and bias (ssf.py).
+  Returns (kernel (d_in, d_out), bias (d_out,), lora, ssf) where lora is None or the tuple
+  (lora_a, lora_b, lora_log_scale) and ssf is None or the SSF (scale, shift) of the output,
+  declared here with ssf_std and applied by the parent to the output (ssf.py). The parent
+  does the maths, so that projections that share an input can be fused into one matmul.
   """
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
@@ -444,7 +447,8 @@ class Projection(nn.Module):
     if self.ssf_std is not None:
       if self.adapter is not None:
         raise ValueError("SSF and DMLoRA branches on one projection are not a method of methods.py")
-      kernel, bias = ssf.fold(kernel, bias, *ssf.declare(self, self.out_shape, self.ssf_std))
+      gamma, beta = ssf.declare(self, self.out_shape, self.ssf_std)
+      return kernel.reshape(d_in, d_out), bias.reshape(d_out), None, (gamma.reshape(d_out), beta.reshape(d_out))
     lora = None
     if self.adapter is not None:
       k, r = self.adapter.num_branches, self.adapter.rank
@@ -456,8 +460,8 @@ class Projection(nn.Module):
       lora = (a, b, s)
       if self.adapter.dora:  # W' = m (W + s A B) / ||.||_c as the kernel (set to ||W||_c after loading)
         m = self.param(dmlora.DORA_MAGNITUDE, nn.initializers.ones, (d_out,))
-        return dora.effective_kernel(kernel.reshape(d_in, d_out), a, b, s, m), bias.reshape(d_out), None
-    return kernel.reshape(d_in, d_out), bias.reshape(d_out), lora
+        return dora.effective_kernel(kernel.reshape(d_in, d_out), a, b, s, m), bias.reshape(d_out), None, None
+    return kernel.reshape(d_in, d_out), bias.reshape(d_out), lora, None
 
   def _adalora(self, kernel, bias, d_in, d_out, r):
     """W' = W + (alpha / r) P diag(Lambda) Q as the kernel; P, Q ~ N(0, 0.02^2), Lambda = 0 (PEFT)."""
@@ -465,7 +469,7 @@ class Projection(nn.Module):
     b = self.param(dmlora.LORA_B, nn.initializers.normal(0.02), (1, r, d_out))
     e = self.param(dmlora.ADALORA_E, nn.initializers.zeros, (r,))
     s = self.param(dmlora.LORA_LOG_SCALE, nn.initializers.constant(math.log(self.adapter.alpha)), ())
-    return adalora.effective_kernel(kernel.reshape(d_in, d_out), a, b, e, s), bias.reshape(d_out), None
+    return adalora.effective_kernel(kernel.reshape(d_in, d_out), a, b, e, s), bias.reshape(d_out), None, None
 
 
 def _adapter_for(adapter, name):
@@ -480,10 +484,12 @@ def _mask_for(adapter, masks, name):
 
 
 def _dense(x, proj, mask, dtype):
-  kernel, bias, lora = proj
+  kernel, bias, lora, scale_shift = proj
   y = jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
   if lora is not None:
     y = y + dmlora.lora_delta(x, *lora, mask_K=mask, dtype=dtype)
+  if scale_shift is not None:
+    y = ssf.apply(y, *scale_shift)
   return y
 
 
@@ -500,7 +506,7 @@ class LayerNorm(nn.Module):
 
   With affine=False it returns (x_hat, (scale, bias)): the normalised input and the affine
   left unapplied, for the projections that read it to fold in (`fold_affine`). With ssf_std,
-  the SSF scale and shift of the output are declared here and folded into that affine.
+  the SSF scale and shift of the output are declared here and folded into that (D,) affine.
   """
   eps: float = LN_EPS
   ssf_std: float | None = None

@@ -58,7 +58,8 @@ def test_folded_layernorm_affine_matches_applying_it_values_and_gradients():
     return x @ w + b + dmlora.lora_delta(x, a, bb, s, mask_K=mask)
 
   def folded(x_hat, g, beta, w, b, a, bb, s):
-    w2, b2, (a2, bb2, s2) = kernels.fold_affine((w, b, (a, bb, s)), (g, beta), mask)
+    w2, b2, (a2, bb2, s2), ss = kernels.fold_affine((w, b, (a, bb, s), None), (g, beta), mask)
+    assert ss is None
     return x_hat @ w2 + b2 + dmlora.lora_delta(x_hat, a2, bb2, s2, mask_K=mask)
 
   np.testing.assert_allclose(folded(x_hat, *args), applied(x_hat, *args), rtol=1e-5, atol=1e-5)
@@ -68,7 +69,7 @@ def test_folded_layernorm_affine_matches_applying_it_values_and_gradients():
   for name, a, b in zip(names, got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()), err_msg=name)
   # Without an affine the projection is returned as it is.
-  proj = (args[2], args[3], None)
+  proj = (args[2], args[3], None, None)
   assert kernels.fold_affine(proj, None, None) is proj
 
 

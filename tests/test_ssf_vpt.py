@@ -88,6 +88,34 @@ def test_ssf_merges_into_a_plain_vit_with_the_same_logits():
   np.testing.assert_array_equal(ident.apply({"params": p0}, x), plain_model.apply({"params": unflatten(_base(p0))}, x))
 
 
+def _grad_flops(model, params, trainable, x, y):
+  """XLA's FLOP count of the compiled gradient of the loss w.r.t. the `trainable` leaves."""
+  flat = flatten(params)
+  train = {k: v for k, v in flat.items() if trainable(k)}
+  frozen = {k: v for k, v in flat.items() if not trainable(k)}
+
+  def loss(t):
+    logits = model.apply({"params": unflatten({**frozen, **t})}, x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+  cost = jax.jit(jax.grad(loss)).lower(train).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def test_ssf_training_does_not_pay_for_kernel_gradients():
+  # SSF scales the outputs during training: its gradient reduces activation-sized products,
+  # not a kernel-sized gradient per layer (the folded form cost full fine-tuning's FLOPs, 3x
+  # LoRA's step at 112 px). The frozen kernels' gradients are a third of full training's
+  # matmuls, so SSF's step is well under full fine-tuning's and near LoRA's.
+  x, y = images(n=8), jnp.arange(8) % 5
+  width = dict(variant="mini/4")
+  ssf_model, ssf_params = make(ssf=True, **width)
+  full_model, full_params = make(**width)
+  ssf_flops = _grad_flops(ssf_model, ssf_params, lambda k: k.rsplit("/", 1)[-1] in ssf.LEAVES or k.startswith("head/"), x, y)
+  full_flops = _grad_flops(full_model, full_params, lambda k: True, x, y)
+  assert ssf_flops < 0.8 * full_flops, (ssf_flops, full_flops)
+
+
 def test_ssf_with_avg_or_map_pool_and_layer_scale_still_merges():
   kw = dict(pool="avg", layer_scale=True, pre_norm=True)
   model, params = make(ssf=True, **kw)
