@@ -17,8 +17,8 @@ Phases (each resumes: finished runs are skipped, unfinished ones resume from che
    at an edge). Per knob, the value with the best val200 top-1 (at its best lr), averaged over
    the tasks, is kept if it beats the default by more than the standard error of that mean
    (else the default stays). Test is never read.
-   The comparison methods (rows dora, adalora, vpt_deep) choose their own key knob the same
-   way (METHOD_KNOBS: DoRA's rank, AdaLoRA's budget, VPT-deep's prompt length; the default
+   The comparison methods (rows dora, adalora, ssf, vpt_deep) choose their own key knob the same
+   way (METHOD_KNOBS: DoRA's rank, AdaLoRA's budget, SSF's init std, VPT-deep's prompt length; the default
    value's runs are the row's main tune runs, the others in out/method_knobs/); a choice at an
    end of that grid is extended one step past it (METHOD_KNOB_EDGES), as an lr grid is.
 2. main: the sweep of dmlora_jax.sweep with the chosen knobs: rows linear, lora, multibranch,
@@ -107,12 +107,17 @@ KNOB_GROUPS = {"num_branches": ("K2", "base", "K8"), "drop_end": ("base", "drop_
                "split_rank": ("base", "split_rank")}
 # The comparison methods' own key knob (issue 14), one grid each around its paper's default
 # ("base" = config_base's): DoRA's rank, AdaLoRA's budget (target rank per module, init_r at
-# 1.5x it as the paper), VPT-deep's prompt length (from the paper's grid). SSF has none.
+# 1.5x it as the paper), VPT-deep's prompt length (from the paper's grid). SSF's init std:
+# the official N(1, 0.02^2) scales and N(0, 0.02^2) shifts move DINOv2-small's pre-head features
+# by 66% (median relative distance on cifar10's val200, cosine 0.77; nearest-class-mean val200
+# 42.0% -> 33.8%, benchmarks/ssf_init_drift.py) before any step, so the identity start (0)
+# is the other variant.
 METHOD_KNOBS = {
     "dora": {"rank4": {"dora.rank": "4"}, "base": {}, "rank16": {"dora.rank": "16"}},
     "adalora": {"budget4": {"adalora.target_rank": "4", "adalora.rank": "6"}, "base": {},
                 "budget12": {"adalora.target_rank": "12", "adalora.rank": "18"}},
     "vpt_deep": {"prompts10": {"vpt.num_prompts": "10"}, "base": {}, "prompts100": {"vpt.num_prompts": "100"}},
+    "ssf": {"init0": {"ssf.init_std": "0"}, "base": {}},
 }
 # A method's knob chosen at an end of its METHOD_KNOBS grid is extended one step past that end,
 # once (as an lr grid is): (below the first variant, above the last). The extension's tune runs
