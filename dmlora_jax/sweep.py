@@ -427,7 +427,9 @@ class Sweep:
         return val, metric, False, extensions
       if val and extensions < self.args.extend_edges:
         nxt = edge_extension(val)
-        if nxt is not None and nxt not in tried:  # a failed extension is not tried again
+        # A failed run is not tried again, also when the extension rounds differently from the
+        # grid's lr (9e-3 * 3 = 0.026999999999999996 against 2.7e-2: one run directory).
+        if nxt is not None and not any(_same(nxt, t) for t in tried):
           edge = f"  best {fmt_lr(select_lr(val))} is at the edge of {sorted(map(fmt_lr, val), key=float)}: "
           why = self.invalid(spec_of(nxt))
           if why:

@@ -324,6 +324,25 @@ def test_a_choice_still_on_an_edge_is_said_loudly(tmp_path, monkeypatch, capsys)
   assert "WARNING: lora/digits: the chosen lr=0.1 is still at the edge of the grid" in capsys.readouterr().out
 
 
+def test_a_failed_grid_lr_is_not_rerun_as_an_extension_that_rounds_differently(tmp_path, monkeypatch):
+  # Grid 3e-3, 9e-3, 2.7e-2 with 2.7e-2 failing: the best (9e-3) is then on the edge of what
+  # was measured, and its extension 9e-3 * 3 = 0.026999999999999996 is the failed run again.
+  tried = _fake_runs(monkeypatch, peak_lr=1.0)
+  fake = sweep._in_process
+
+  def failing(config, workdir):
+    if math.isclose(config.stage1.lr, 2.7e-2):
+      tried.append(config.stage1.lr)
+      raise RuntimeError("diverged")
+    return fake(config, workdir)
+
+  monkeypatch.setattr(sweep, "_in_process", failing)
+  args = ["--out", str(tmp_path), "--tasks", "digits", "--rows", "lora", "--lrs", "3e-3,9e-3,2.7e-2", "--seeds", "1",
+          "--extend_edges", "1"] + TINY
+  sweep.main(args)
+  assert tried == pytest.approx([3e-3, 9e-3, 2.7e-2])
+
+
 def test_an_extension_the_trainer_would_refuse_is_not_run_and_the_reason_is_said(tmp_path, monkeypatch, capsys):
   # Below stage1.min_lr (the cosine's floor, 1e-5) a run is refused: the full row's study grid
   # once "extended" to 3.3e-6 twice per task, each run failing, and then blamed the edge on
