@@ -128,6 +128,9 @@ METHOD_KNOB_EDGES = {
                 {"budget24": {"adalora.target_rank": "24", "adalora.rank": "36"}}),
     "vpt_deep": ({"prompts5": {"vpt.num_prompts": "5"}}, {"prompts200": {"vpt.num_prompts": "200"}}),
 }
+# Variants at the end of their knob's range: nothing lies past them, so a choice there is not
+# "on the edge of the measured grid" (an init std of 0, the identity, is the least there is).
+METHOD_KNOB_BOUNDS = {"ssf": ("init0",)}
 
 
 ARCHIVE = os.path.join(REPO, "benchmarks", "results", "real_backbone_runs")
@@ -338,7 +341,8 @@ def method_knob_phase(out: str, main_out: str, common: dict, jobs: int, rows, ru
     measured = [n for n in scores if not math.isnan(scores[n]["mean"])]
     result[method] = {"scores": scores, "chosen": chosen, "overrides": every.get(chosen, {}) if chosen else {},
                       "dir": dirs[chosen] if chosen else main_out, "extend": extend,
-                      "edge": bool(chosen) and chosen in (measured[0], measured[-1]) and len(measured) > 1}
+                      "edge": bool(chosen) and chosen in (measured[0], measured[-1]) and len(measured) > 1
+                      and chosen not in METHOD_KNOB_BOUNDS.get(method, ())}
     print(f"\n{method}'s knob (mean val200 top-1 over tasks at each variant's best lr): " +
           ", ".join(f"{n} {100 * v['mean']:.2f}" for n, v in scores.items()) + f"; chosen: {chosen}" +
           (" (on the edge of the measured grid)" if result[method]["edge"] else ""), flush=True)

@@ -234,3 +234,28 @@ def test_a_method_knob_chosen_at_the_grid_edge_is_extended_once(tmp_path, monkey
   other = tmp_path / "other"
   r = study.method_knob_phase(str(other), str(other / "main"), {}, 2, ("dora",))["dora"]
   assert calls == ["4", "8", "16"] and r["extend"] is None and r["chosen"] == "base" and not r["edge"]
+
+
+def test_ssf_init_std_knob_chosen_at_its_bound_is_not_on_an_edge(tmp_path, monkeypatch):
+  """SSF's knob: the identity start (init std 0) against the official 0.02. 0 winning is a
+  choice at the end of the range, not at the edge of a grid that could be widened."""
+  val = {"init0": 0.88, "base": 0.78}
+  calls = []
+
+  def fake_sweep(out, rows, over, extra, jobs, tasks, *a, **k):
+    name = "init0" if over.get("ssf.init_std") == "0" else "base"
+    calls.append(name)
+    for t in tasks:
+      for lr in study.ROW_LRS["ssf"]:
+        _write(os.path.join(out, "ssf", t, f"tune_lr{lr:g}", "results.json"),
+               {"config": {"stage1.lr": lr}, "accuracy": {"val200": val[name] - (0.0 if lr == 3e-3 else 0.05)}})
+    return 0
+
+  monkeypatch.setattr(study, "sweep", fake_sweep)
+  r = study.method_knob_phase(str(tmp_path), str(tmp_path / "main"), {}, 2, ("ssf",))["ssf"]
+  assert calls == ["init0", "base"] and r["extend"] is None
+  assert r["chosen"] == "init0" and not r["edge"] and r["overrides"] == {"ssf.init_std": "0"}
+  # The official default winning is at the other end, which could be widened: an edge.
+  val.update(init0=0.70)
+  r = study.method_knob_phase(str(tmp_path / "b"), str(tmp_path / "b" / "main"), {}, 2, ("ssf",))["ssf"]
+  assert r["chosen"] == "base" and r["edge"]
