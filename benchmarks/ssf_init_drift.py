@@ -16,6 +16,7 @@ About 3 min on the 2-core VM (S/14 at 112 px, 200 + 800 images per std and seed)
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,21 +32,28 @@ from dmlora_jax.data.normalize import normalize  # noqa: E402
 from dmlora_jax.pytrees import flatten, unflatten  # noqa: E402
 
 
-def features_fn(variant: str, backbone: str, std: float | None, seed: int, size: int):
-  """A function images -> (N, D) pre-head features of the backbone, with SSF at `std` (None:
-  none), its SSF leaves drawn from `seed`. The head is the identity (D classes)."""
+def features_fn(variant: str, base: dict, std: float | None, seed: int, size: int):
+  """A function images -> (N, D) pre-head features of the backbone `base` (flat params, as
+  loaded once by `load_backbone`), with SSF at `std` (None: none), its SSF leaves drawn from
+  `seed`. The head is the identity (D classes)."""
   kw = {} if std is None else {"ssf": True, "ssf_init_std": std}
-  width = vit.parse_variant(variant, 10, gelu_approximate=False, **kw).width
-  cfg = vit.parse_variant(variant, width, gelu_approximate=False, **kw)
+  cfg = vit.parse_variant(variant, 1, gelu_approximate=False, **kw)
+  cfg = dataclasses.replace(cfg, num_classes=cfg.width)
   model = vit.ViT(cfg)
-  params = model.init(jax.random.key(seed), np.zeros((1, size, size, 3), np.float32))["params"]
-  params, _ = npz.load_pretrained(params, backbone)
-  flat = flatten(params)
-  flat["head/kernel"] = np.eye(width, dtype=np.float32)
-  flat["head/bias"] = np.zeros((width,), np.float32)
+  flat = flatten(model.init(jax.random.key(seed), np.zeros((1, size, size, 3), np.float32))["params"])
+  flat.update({k: v for k, v in base.items() if k in flat})  # the backbone; SSF's leaves keep their init
+  flat["head/kernel"] = np.eye(cfg.width, dtype=np.float32)
+  flat["head/bias"] = np.zeros((cfg.width,), np.float32)
   params = unflatten(flat)
-  apply = jax.jit(lambda x: model.apply({"params": params}, x))
-  return lambda x: np.concatenate([np.asarray(apply(x[i:i + 50])) for i in range(0, len(x), 50)])
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  return lambda x: np.concatenate([np.asarray(apply(params, x[i:i + 50])) for i in range(0, len(x), 50)])
+
+
+def load_backbone(variant: str, path: str, size: int) -> dict:
+  """The backbone's flat params for the plain model at `size` (position grid resampled), read once."""
+  model = vit.ViT(vit.parse_variant(variant, 1, gelu_approximate=False))
+  params, _ = npz.load_pretrained(model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32))["params"], path)
+  return {k: v for k, v in flatten(params).items() if not k.startswith("head/")}
 
 
 def ncm_accuracy(train_f, train_y, f, y) -> float:
@@ -78,13 +86,14 @@ def main(argv=None) -> int:
     return np.asarray(normalize(x, a.normalization)), y
 
   (xt, yt), (xv, yv) = load("train800"), load("val200")
-  plain = features_fn(a.variant, a.backbone, None, 0, a.image_size)
+  base = load_backbone(a.variant, a.backbone, a.image_size)
+  plain = features_fn(a.variant, base, None, 0, a.image_size)
   ft, fv = plain(xt), plain(xv)
   rows = [{"std": None, "seed": None, "ncm_val200": ncm_accuracy(ft, yt, fv, yv)}]
   print(f"plain backbone: nearest-class-mean val200 {100 * rows[0]['ncm_val200']:.1f}%", flush=True)
   for std in (float(s) for s in a.stds.split(",")):
     for seed in (int(s) for s in a.seeds.split(",")):
-      f = features_fn(a.variant, a.backbone, std, seed, a.image_size)
+      f = features_fn(a.variant, base, std, seed, a.image_size)
       gt, gv = f(xt), f(xv)
       cos = (gv * fv).sum(1) / np.linalg.norm(gv, axis=1) / np.linalg.norm(fv, axis=1)
       rel = np.linalg.norm(gv - fv, axis=1) / np.linalg.norm(fv, axis=1)

@@ -3,9 +3,10 @@
 It shares no code with dmlora_jax: the conv patch embedding is an explicit loop over
 patches, attention is per head, LoRA is W + (alpha / r) A B folded by hand. SSF is applied to
 the activations, y * gamma + beta after each op, as the official code's `ssf_ada` (the JAX
-model too, with q/k/v fused and each LayerNorm's scale folded with its gamma); VPT-deep's prompts are concatenated after the class
-token and replaced before every later block, as the official `forward_deep_prompt`, and kept
-through the final LayerNorm (the JAX model drops them first: the class token is the same).
+model too, with q/k/v fused and each LayerNorm's scale folded with its gamma); VPT-deep's
+prompts are concatenated after the class token and replaced before every later block, as the
+official `forward_deep_prompt`, and kept through the final LayerNorm (the JAX model drops them
+first: the class token is the same).
 """
 
 import math

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import numpy_vit
-from dmlora_jax import config_base, merge, methods, npz, partition, setup, ssf, trainer, vit, vpt
+from dmlora_jax import bench, config_base, merge, methods, npz, partition, setup, ssf, trainer, vit, vpt
 from dmlora_jax.data import vtab_tasks
 from dmlora_jax.pytrees import flatten, unflatten
 from trainer_utils import tiny_config
@@ -98,8 +98,7 @@ def _grad_flops(model, params, trainable, x, y):
     logits = model.apply({"params": unflatten({**frozen, **t})}, x)
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
 
-  cost = jax.jit(jax.grad(loss)).lower(train).compile().cost_analysis()
-  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+  return bench._flops(jax.jit(jax.grad(loss)).lower(train).compile())
 
 
 def test_ssf_training_does_not_pay_for_kernel_gradients():
