@@ -12,7 +12,10 @@ from dmlora_jax import hostmem, report as sweep_report, sweep
 
 PAIRS = (("dmlora", "lora"), ("dropout", "multibranch"), ("dmlora", "dropout"), ("multibranch", "lora"),
          ("dropout", "lora"), ("dmlora_block", "dropout"), ("dmlora", "dmlora_block"), ("lora", "linear"),
-         ("full", "lora"), ("dmlora", "dora"), ("dmlora", "adalora"), ("dmlora", "ssf"), ("dmlora", "vpt_deep"))
+         ("full", "lora"), ("dmlora", "dora"), ("dmlora", "adalora"), ("dmlora", "ssf"), ("dmlora", "vpt_deep"),
+         # the comparison methods against LoRA, the reference of their papers' claims, and the
+         # published VTAB-1k order's VPT-deep > full
+         ("dora", "lora"), ("adalora", "lora"), ("ssf", "lora"), ("vpt_deep", "lora"), ("vpt_deep", "full"))
 
 
 UNRECORDED = "machine not recorded"
